@@ -1,0 +1,6 @@
+"""Shared test setup. Everything runs offline on a CPU: models are built tiny, in code."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
