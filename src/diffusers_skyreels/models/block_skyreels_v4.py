@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 from diffusers.models.attention import FeedForward
 from diffusers.utils.torch_utils import maybe_allow_in_graph
 from torch import nn
@@ -130,3 +131,10 @@ class SkyReelsV4TransformerBlock(nn.Module):
             ff_context(_modulate(self.norm2(text), c_mlp_shift[:, None], c_mlp_scale[:, None])),
         )
         return x, text
+
+
+# Caching hooks (FirstBlockCache, TaylorSeer, ...) find the block's streams through this registry.
+TransformerBlockRegistry.register(
+    model_class=SkyReelsV4TransformerBlock,
+    metadata=TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=1),
+)

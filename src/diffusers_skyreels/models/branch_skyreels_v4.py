@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.loaders import PeftAdapterMixin
+from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 from diffusers.models.attention import AttentionMixin
 from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.embeddings import PixArtAlphaTextProjection, TimestepEmbedding, Timesteps
@@ -72,6 +73,21 @@ class SkyReelsV4BranchModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapter
     _repeated_blocks = ["SkyReelsV4TransformerBlock"]
     _keep_in_fp32_modules = ["time_embedder"]
     _skip_layerwise_casting_patterns = ["patch_embed", "time_embedder", "text_proj", "norm"]
+    # Context parallelism shards every token stream right where it is made (so that, in joint generation, each branch
+    # hands the other its shard), runs every attention through the parallel config, and gathers before the head.
+    _cp_plan = {
+        "patch_embed": {0: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)},
+        "text_proj": {0: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)},
+        "rope": {
+            0: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True),
+            1: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True),
+        },
+        "temporal_rope": {
+            0: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True),
+            1: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True),
+        },
+        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
 
     def __init__(
         self,

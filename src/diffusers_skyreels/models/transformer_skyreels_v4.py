@@ -136,6 +136,7 @@ class SkyReelsV4Transformer(SkyReelsV4BranchModel):
         audio_hidden_states: torch.Tensor | None = None,
         audio_reference_latents: torch.Tensor | None = None,
         attention_kwargs: dict[str, Any] | None = None,
+        audio_attention_kwargs: dict[str, Any] | None = None,
         return_dict: bool = True,
     ) -> SkyReelsV4TransformerOutput | tuple[torch.Tensor, ...]:
         r"""Predict the flow-matching velocity (`noise - data`) of the video latents (and of the audio latents).
@@ -151,7 +152,8 @@ class SkyReelsV4Transformer(SkyReelsV4BranchModel):
             audio_transformer: the audio branch; when given, both branches run in lockstep.
             audio_hidden_states: `[B, 2C_a + 1, T_a]` input of the audio branch.
             audio_reference_latents: `[B, C_a, T_ref]` reference audio latents.
-            attention_kwargs: `{"scale": s}` scales the LoRA layers of both branches.
+            attention_kwargs: `{"scale": s}` scales this branch's LoRA layers.
+            audio_attention_kwargs: the same for the audio branch.
             return_dict: return a `SkyReelsV4TransformerOutput` instead of a tuple
                 `(sample, keyframe_sample, audio_sample)`.
         """
@@ -222,7 +224,7 @@ class SkyReelsV4Transformer(SkyReelsV4BranchModel):
                 reference_latents=audio_reference_latents,
                 num_video_frames=num_frames,
                 block_runner=lambda audio_tokens: run_lockstep(audio_transformer, audio_tokens, self, tokens),
-                attention_kwargs=attention_kwargs,
+                attention_kwargs=audio_attention_kwargs,
                 return_dict=False,
             )[0]
 
