@@ -5,4 +5,4 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-pytest_plugins = ["fixtures_qwen"]
+pytest_plugins = ["fixtures_qwen", "fixtures_pipeline"]

@@ -13,6 +13,15 @@ from .models import (
     SkyReelsV4Transformer,
     SkyReelsV4TransformerOutput,
 )
+from .pipelines import (
+    SkyReelsV4ImageToVideoPipeline,
+    SkyReelsV4InpaintPipeline,
+    SkyReelsV4Pipeline,
+    SkyReelsV4PipelineOutput,
+    SkyReelsV4PromptEncoder,
+    SkyReelsV4VideoEditPipeline,
+    SkyReelsV4VideoExtensionPipeline,
+)
 from .registration import register_with_diffusers
 
 __version__ = "0.1.0"
@@ -20,15 +29,21 @@ __version__ = "0.1.0"
 # Classes that saved folders name and Diffusers must be able to resolve.
 _REGISTERED_CLASSES = [
     "SkyReelsV4AudioTransformer",
+    "SkyReelsV4ImageToVideoPipeline",
+    "SkyReelsV4InpaintPipeline",
+    "SkyReelsV4Pipeline",
     "SkyReelsV4Transformer",
+    "SkyReelsV4VideoEditPipeline",
+    "SkyReelsV4VideoExtensionPipeline",
 ]
 
 __all__ = [
+    *_REGISTERED_CLASSES,
     "DiffusionPipeline",
     "ModelMixin",
     "SchedulerMixin",
-    "SkyReelsV4AudioTransformer",
-    "SkyReelsV4Transformer",
+    "SkyReelsV4PipelineOutput",
+    "SkyReelsV4PromptEncoder",
     "SkyReelsV4TransformerOutput",
     "register_with_diffusers",
 ]

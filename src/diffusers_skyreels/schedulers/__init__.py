@@ -1,0 +1,3 @@
+from .joint_stepping import step_jointly
+
+__all__ = ["step_jointly"]
