@@ -13,6 +13,7 @@ from diffusers_skyreels.pipelines.skyreels_v4 import (
     ChannelCondition,
     VideoCodec,
     audio_condition,
+    condition_from_clip_latents,
     video_condition,
     video_condition_from_latents,
 )
@@ -114,13 +115,13 @@ def test_inpainting_mask_and_condition_latents(codec):
     preserve[:, :, 2:6, 4:20, 8:16] = 0  # crosses latent blocks and frame groups
     with torch.no_grad():
         condition = video_condition(codec, 1, 9, 32, 32, frames=video, pixel_mask=preserve)
-        # I is the VAE encoding of the source with the regenerated region painted black.
-        expected = codec.encode(torch.where(preserve.bool(), video, torch.full_like(video, -1.0)))
-    np.testing.assert_array_equal(
-        condition.mask[0, 0].numpy(), reference_latent_mask(preserve[0, 0].bool().numpy())
-    )
+        # I: the VAE encoding of the source with the regenerated region painted black, black latents elsewhere.
+        painted = codec.encode(torch.where(preserve.bool(), video, torch.full_like(video, -1.0)))
+        black = codec.encode(torch.full_like(video, -1.0))
+    expected_mask = torch.from_numpy(reference_latent_mask(preserve[0, 0].bool().numpy())).float()
+    torch.testing.assert_close(condition.mask[0, 0], expected_mask)
     assert 0 < condition.mask.mean() < 1
-    torch.testing.assert_close(condition.latents, expected)
+    torch.testing.assert_close(condition.latents, torch.where(expected_mask.bool(), painted, black))
 
 
 def test_black_latents_fill_what_is_not_given(codec):
@@ -147,6 +148,24 @@ def test_condition_from_latents_places_given_frames(codec):
     assert torch.equal(full.latents, guide) and latent_frames_given(full) == [2]
 
 
+def test_clip_latents_path_equals_pixel_path_for_prefixes(codec):
+    """The causal video VAE makes the cached-latent condition exact for prefixes (first frame, extension)."""
+    clip = _frames(13, seed=5)
+    with torch.no_grad():
+        clip_latents = codec.encode(clip)
+        black = codec.black_latents(1, 13, 32, 32)
+        for given_frames in (1, 5, 9):
+            pixel = video_condition(codec, 1, 13, 32, 32, frames=clip[:, :, :given_frames])
+            given = torch.zeros(1, 1, 13, 32, 32)
+            given[:, :, :given_frames] = 1
+            mask = latent_mask_from_pixels(given, 4, 8)
+            cached = condition_from_clip_latents(clip_latents, mask, black)
+            torch.testing.assert_close(cached.mask, pixel.mask)
+            torch.testing.assert_close(cached.latents, pixel.latents, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="`given` must have shape"):
+        condition_from_clip_latents(clip_latents, mask[:, :, :2], black)
+
+
 def test_audio_condition_prefix(audio_codec):
     hop = audio_codec.hop_length
     waveform = torch.sin(torch.arange(int(5.5 * hop)) / 7.0)[None] * 0.5
@@ -158,7 +177,8 @@ def test_audio_condition_prefix(audio_codec):
         expected = audio_codec.encode(padded)
     assert condition.mask[0, 0].tolist() == [1.0] * 5 + [0.0] * 5
     assert not silence.mask.any()
-    torch.testing.assert_close(condition.latents, expected)
+    torch.testing.assert_close(condition.latents[..., :5], expected[..., :5])
+    torch.testing.assert_close(condition.latents[..., 5:], silence.latents[..., 5:])
 
 
 def test_model_input_and_noise(codec):

@@ -1,6 +1,12 @@
 """SkyReels V4 pipelines."""
 
-from .conditioning import ChannelCondition, audio_condition, video_condition, video_condition_from_latents
+from .conditioning import (
+    ChannelCondition,
+    audio_condition,
+    condition_from_clip_latents,
+    video_condition,
+    video_condition_from_latents,
+)
 from .latent_codecs import AudioCodec, VideoCodec
 from .pipeline_output import SkyReelsV4PipelineOutput
 from .pipeline_skyreels_v4 import SkyReelsV4Pipeline
@@ -35,6 +41,7 @@ __all__ = [
     "VideoCodec",
     "audio_condition",
     "clip_timing",
+    "condition_from_clip_latents",
     "video_condition",
     "video_condition_from_latents",
 ]

@@ -1,8 +1,9 @@
 """The one channel-concat conditioning helper (architecture.md §5).
 
 Every task is inpainting in disguise: the transformers read `[noisy latents ; condition latents I ; mask M]`, where
-`I` holds the VAE latents of what is given (non-given pixels are black, non-given audio is silence) and `M` is 1 on
-the latent voxels that are given. A voxel counts as given only when every pixel (sample) it covers is given: latent
+`M` is 1 on the latent voxels that are given and `I` holds there the VAE latents of the given content (encoded with
+black in place of every pixel that is not given, silence for audio), and elsewhere the latents of an all-black clip
+(of silence). A voxel counts as given only when every pixel (sample) it covers is given: latent
 frame 0 covers pixel frame 0, latent frame `j >= 1` covers frames `4j - 3 .. 4j`, and each latent covers an 8x8
 pixel block (with the VAE's factors). Pipelines and the training script decide *what* is given; only this module
 turns that into `I` and `M`.
@@ -138,9 +139,9 @@ def video_condition(
     video = torch.full(shape[:1] + (3,) + shape[2:], -1.0, dtype=frames.dtype, device=frames.device)
     video[:, :, indices] = frames
     video = torch.where(given, video, torch.full_like(video, -1.0))
-    latents = codec.encode(video, generator=generator)
-    mask = latent_mask_from_pixels(given, codec.temporal_factor, codec.spatial_factor)
-    return ChannelCondition(latents, mask.to(latents.device))
+    mask = latent_mask_from_pixels(given, codec.temporal_factor, codec.spatial_factor).to(frames.device)
+    black = codec.black_latents(batch_size, num_frames, height, width, device=frames.device)
+    return condition_from_clip_latents(codec.encode(video, generator=generator), mask, black)
 
 
 def video_condition_from_latents(
@@ -181,6 +182,24 @@ def video_condition_from_latents(
     return ChannelCondition(full, given)
 
 
+def condition_from_clip_latents(
+    clip_latents: torch.Tensor, given: torch.Tensor, null_latents: torch.Tensor
+) -> ChannelCondition:
+    """Condition from the latents of the whole clip and a latent-level "given" mask (training on cached latents).
+
+    `I` takes the clip's latents where `given` is 1 and `null_latents` (black video or silence latents, broadcast)
+    elsewhere. With the causal video VAE this equals the pixel path exactly for conditions that are a prefix in time
+    (first frame, extension); for other shapes the given voxels' latents saw the clip's own content around them
+    instead of black, an approximation that avoids re-encoding every sample.
+    """
+    if given.shape[0] != clip_latents.shape[0] or given.shape[1] != 1 or given.shape[2:] != clip_latents.shape[2:]:
+        raise ValueError(
+            f"`given` must have shape {(clip_latents.shape[0], 1, *clip_latents.shape[2:])}, got {tuple(given.shape)}."
+        )
+    latents = torch.where(given.bool(), clip_latents, null_latents.to(clip_latents).expand_as(clip_latents))
+    return ChannelCondition(latents, given.float())
+
+
 def audio_condition(
     codec: AudioCodec,
     batch_size: int,
@@ -215,5 +234,6 @@ def audio_condition(
     audio = torch.zeros(batch_size, num_samples, dtype=waveform.dtype, device=waveform.device)
     audio[:, :length] = waveform[:, :length]
     audio = torch.where(given, audio, torch.zeros_like(audio))
-    latents = codec.encode(audio, generator=generator)
-    return ChannelCondition(latents, latent_mask_from_samples(given, num_latents, codec.hop_length))
+    mask = latent_mask_from_samples(given, num_latents, codec.hop_length)
+    silence = codec.encode(torch.zeros_like(audio[:1]), generator=generator)
+    return condition_from_clip_latents(codec.encode(audio, generator=generator), mask, silence)
