@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, MMAudioVAE, MMAudioVocoder
 
-from diffusers_skyreels import SkyReelsV4AudioTransformer, SkyReelsV4Transformer
+from diffusers_skyreels import SkyReelsV4AudioTransformer, SkyReelsV4RefinerTransformer, SkyReelsV4Transformer
 from diffusers_skyreels.utils import build_tiny_qwen_vl
 
 # 9 frames of 32x32 at 16 fps -> 3 x 4 x 4 video latents; 16 kHz audio with a 256-sample latent hop -> 35 latents.
@@ -32,6 +32,7 @@ def build_tiny_components(seed: int = 0, couple: bool = True) -> dict:
         num_mels=16, upsample_initial_channel=8, upsample_rates=(8, 4, 4), upsample_kernel_sizes=(16, 8, 8),
         resblock_kernel_sizes=(3,), resblock_dilation_sizes=((1,),),
     )
+    refiner = SkyReelsV4RefinerTransformer.from_preset("tiny")
     return dict(
         tokenizer=tokenizer,
         text_encoder=text_encoder.eval(),
@@ -42,6 +43,7 @@ def build_tiny_components(seed: int = 0, couple: bool = True) -> dict:
         audio_vae=audio_vae.eval(),
         vocoder=vocoder.eval(),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        refiner=refiner.eval(),
     )
 
 

@@ -10,6 +10,7 @@ from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin
 
 from .models import (
     SkyReelsV4AudioTransformer,
+    SkyReelsV4RefinerTransformer,
     SkyReelsV4Transformer,
     SkyReelsV4TransformerOutput,
 )
@@ -19,6 +20,7 @@ from .pipelines import (
     SkyReelsV4Pipeline,
     SkyReelsV4PipelineOutput,
     SkyReelsV4PromptEncoder,
+    SkyReelsV4RefinerPipeline,
     SkyReelsV4VideoEditPipeline,
     SkyReelsV4VideoExtensionPipeline,
 )
@@ -32,6 +34,8 @@ _REGISTERED_CLASSES = [
     "SkyReelsV4ImageToVideoPipeline",
     "SkyReelsV4InpaintPipeline",
     "SkyReelsV4Pipeline",
+    "SkyReelsV4RefinerPipeline",
+    "SkyReelsV4RefinerTransformer",
     "SkyReelsV4Transformer",
     "SkyReelsV4VideoEditPipeline",
     "SkyReelsV4VideoExtensionPipeline",

@@ -54,6 +54,17 @@ class BranchTokens:
     text_attention_mask: torch.Tensor | None  # [B, 1, 1, L] or None
 
 
+def check_channel_concat(in_channels: int, out_channels: int, patch_size: tuple[int, ...], num_dims: int) -> None:
+    """Raise unless the input is the channel concatenation `[noisy ; condition ; mask]` with an N-D patch."""
+    if in_channels != 2 * out_channels + 1:
+        raise ValueError(
+            f"`in_channels` must be 2 * out_channels + 1 = {2 * out_channels + 1} ([noisy latents ; condition "
+            f"latents ; mask]), got {in_channels}."
+        )
+    if len(patch_size) != num_dims:
+        raise ValueError(f"`patch_size` must have {num_dims} entries, got {tuple(patch_size)}.")
+
+
 def default_rope_axes_dim(head_dim: int, num_axes: int) -> tuple[int, ...]:
     """Split an even `head_dim` over `num_axes` position axes, giving time the remainder (as Wan does)."""
     if num_axes == 1:
@@ -115,6 +126,7 @@ class SkyReelsV4BranchModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapter
             )
         dim = num_attention_heads * attention_head_dim
         self._patch = tuple(patch_size)
+        self._cross_modal = cross_modal_attention
 
         self.patch_embed = nn.Linear(in_channels * math.prod(patch_size), dim)
         self.time_proj_sinusoidal = Timesteps(freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
@@ -214,7 +226,7 @@ class SkyReelsV4BranchModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapter
             text_attention_mask = keep[:, None, None, :]
             attention_mask = torch.cat([keep.new_ones(batch, hidden_states.shape[1]), keep], dim=1)[:, None, None, :]
 
-        temporal = self.temporal_rope(positions[:, :1]) if self.config.cross_modal_attention else None
+        temporal = self.temporal_rope(positions[:, :1]) if self._cross_modal else None
         return BranchTokens(
             hidden_states=hidden_states,
             encoder_hidden_states=text,
@@ -268,7 +280,7 @@ def check_joint_pair(video: SkyReelsV4BranchModel, audio: SkyReelsV4BranchModel)
     if len(video.blocks) != len(audio.blocks):
         problems.append(f"number of blocks: video {len(video.blocks)} vs audio {len(audio.blocks)}")
     for name, branch in (("video", video), ("audio", audio)):
-        if not branch.config.cross_modal_attention:
+        if not branch._cross_modal:
             problems.append(f"the {name} branch was built with cross_modal_attention=False")
     if problems:
         raise ValueError("The video and audio branches cannot run jointly: " + "; ".join(problems) + ".")

@@ -54,7 +54,7 @@ def preset_config(name: str, branch: str) -> dict[str, Any]:
     if branch in ("video", "refiner"):
         config.update(in_channels=2 * video_channels + 1, out_channels=video_channels)
         if branch == "refiner":
-            config.update(cross_modal_attention=False)
+            config.update(spatial_scale=2, temporal_scale=2)
     elif branch == "audio":
         config.update(in_channels=2 * audio_channels + 1, out_channels=audio_channels)
     else:

@@ -12,6 +12,7 @@ from diffusers.utils import apply_lora_scale
 from .branch_skyreels_v4 import (
     SkyReelsV4BranchModel,
     SkyReelsV4TransformerOutput,
+    check_channel_concat,
     check_joint_pair,
     default_rope_axes_dim,
     run_lockstep,
@@ -65,13 +66,7 @@ class SkyReelsV4Transformer(SkyReelsV4BranchModel):
         rope_axes_dim: tuple[int, int, int] | None = None,
         eps: float = 1e-6,
     ) -> None:
-        if in_channels != 2 * out_channels + 1:
-            raise ValueError(
-                f"`in_channels` must be 2 * out_channels + 1 = {2 * out_channels + 1} ([noisy latents ; condition "
-                f"latents ; mask]), got {in_channels}."
-            )
-        if len(patch_size) != 3:
-            raise ValueError(f"`patch_size` must be (t, h, w), got {patch_size}.")
+        check_channel_concat(in_channels, out_channels, patch_size, 3)
         super().__init__(
             in_channels,
             out_channels,

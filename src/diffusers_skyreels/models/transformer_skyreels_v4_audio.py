@@ -10,7 +10,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.utils import apply_lora_scale
 
-from .branch_skyreels_v4 import BranchTokens, SkyReelsV4BranchModel
+from .branch_skyreels_v4 import BranchTokens, SkyReelsV4BranchModel, check_channel_concat
 from .positions_skyreels_v4 import audio_positions, patchify, unpatchify
 
 
@@ -52,11 +52,7 @@ class SkyReelsV4AudioTransformer(SkyReelsV4BranchModel):
         rope_theta: float = 10000.0,
         eps: float = 1e-6,
     ) -> None:
-        if in_channels != 2 * out_channels + 1:
-            raise ValueError(
-                f"`in_channels` must be 2 * out_channels + 1 = {2 * out_channels + 1} ([noisy latents ; condition "
-                f"latents ; mask]), got {in_channels}."
-            )
+        check_channel_concat(in_channels, out_channels, (patch_size,), 1)
         super().__init__(
             in_channels,
             out_channels,

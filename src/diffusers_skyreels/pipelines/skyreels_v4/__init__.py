@@ -4,6 +4,7 @@ from .conditioning import (
     ChannelCondition,
     audio_condition,
     condition_from_clip_latents,
+    refiner_condition,
     video_condition,
     video_condition_from_latents,
 )
@@ -14,6 +15,7 @@ from .pipeline_skyreels_v4_edit import SkyReelsV4VideoEditPipeline
 from .pipeline_skyreels_v4_extension import SkyReelsV4VideoExtensionPipeline
 from .pipeline_skyreels_v4_i2v import SkyReelsV4ImageToVideoPipeline
 from .pipeline_skyreels_v4_inpaint import SkyReelsV4InpaintPipeline
+from .pipeline_skyreels_v4_refiner import SkyReelsV4RefinerPipeline
 from .prompt_encoder import (
     DEFAULT_SYSTEM_PROMPT,
     DEFAULT_TEXT_ENCODER_ID,
@@ -36,12 +38,14 @@ __all__ = [
     "SkyReelsV4PipelineOutput",
     "SkyReelsV4PromptEncoder",
     "SkyReelsV4PromptInputs",
+    "SkyReelsV4RefinerPipeline",
     "SkyReelsV4VideoEditPipeline",
     "SkyReelsV4VideoExtensionPipeline",
     "VideoCodec",
     "audio_condition",
     "clip_timing",
     "condition_from_clip_latents",
+    "refiner_condition",
     "video_condition",
     "video_condition_from_latents",
 ]

@@ -200,6 +200,73 @@ def condition_from_clip_latents(
     return ChannelCondition(latents, given.float())
 
 
+def refiner_num_latent_frames(num_latent_frames: int, temporal_scale: int) -> int:
+    """Latent frames after frame interpolation: latent frame `j` of the base clip becomes `j * temporal_scale`."""
+    return (num_latent_frames - 1) * temporal_scale + 1
+
+
+def refiner_condition(
+    low_res_latents: torch.Tensor,
+    spatial_scale: int,
+    temporal_scale: int,
+    keyframe_latents: torch.Tensor | None = None,
+    keyframe_indices: Sequence[int] | None = None,
+    preserved: ChannelCondition | None = None,
+) -> ChannelCondition:
+    """The refiner's guide and mask (architecture.md §7).
+
+    The guide is `low_res_latents` `[B, C, T, h, w]` interpolated linearly to `[B, C, (T - 1) * ts + 1, h * ss,
+    w * ss]` (time at frame instants, space at pixel areas). High-resolution keyframe latents `[B, C, K, h * ss,
+    w * ss]` for base latent frames `keyframe_indices` are put back exactly at `index * ts` with mask 1. `preserved`
+    (a high-resolution condition, e.g. the inpainting source) wins wherever its mask is 1.
+    """
+    for name, scale in (("spatial_scale", spatial_scale), ("temporal_scale", temporal_scale)):
+        if int(scale) != scale or scale < 1:
+            raise ValueError(f"`{name}` must be an integer >= 1, got {scale}.")
+    batch, channels, frames, height, width = low_res_latents.shape
+    size = (refiner_num_latent_frames(frames, temporal_scale), height * spatial_scale, width * spatial_scale)
+    guide = low_res_latents.float()
+    if temporal_scale > 1 and frames > 1:
+        guide = torch.nn.functional.interpolate(
+            guide.permute(0, 3, 4, 1, 2).reshape(-1, channels, frames), size=size[0], mode="linear",
+            align_corners=True,
+        )
+        guide = guide.reshape(batch, height, width, channels, size[0]).permute(0, 3, 4, 1, 2)
+    if spatial_scale > 1:
+        guide = torch.nn.functional.interpolate(
+            guide.transpose(1, 2).flatten(0, 1), size=size[1:], mode="bilinear", align_corners=False
+        )
+        guide = guide.unflatten(0, (batch, size[0])).transpose(1, 2)
+    guide = guide.to(low_res_latents.dtype).contiguous()
+    mask = torch.zeros(batch, 1, *size, device=guide.device)
+
+    if (keyframe_latents is None) != (keyframe_indices is None):
+        raise ValueError("`keyframe_latents` and `keyframe_indices` go together.")
+    if keyframe_latents is not None:
+        indices = [int(i) for i in keyframe_indices]
+        expected = (batch, channels, len(indices), *size[1:])
+        if tuple(keyframe_latents.shape) != expected:
+            raise ValueError(
+                f"Keyframe latents must have shape {expected} (one high-resolution latent per index), got "
+                f"{tuple(keyframe_latents.shape)}."
+            )
+        if len(set(indices)) != len(indices) or (indices and (min(indices) < 0 or max(indices) >= frames)):
+            raise ValueError(f"`keyframe_indices` must be distinct latent frames in [0, {frames - 1}], got {indices}.")
+        positions = [i * temporal_scale for i in indices]
+        guide[:, :, positions] = keyframe_latents.to(guide.dtype)
+        mask[:, :, positions] = 1.0
+    if preserved is not None:
+        if preserved.latents.shape != guide.shape:
+            raise ValueError(
+                f"The preserved condition {tuple(preserved.latents.shape)} does not match the refined latent grid "
+                f"{tuple(guide.shape)}."
+            )
+        keep = preserved.mask.bool()
+        guide = torch.where(keep, preserved.latents.to(guide.dtype), guide)
+        mask = torch.maximum(mask, preserved.mask.to(mask.dtype))
+    return ChannelCondition(guide, mask)
+
+
 def audio_condition(
     codec: AudioCodec,
     batch_size: int,

@@ -21,9 +21,14 @@ class SkyReelsV4PipelineOutput(BaseOutput):
             for `"latent"`; `None` when no audio was generated.
         audio_sample_rate: samples per second of `audio`.
         fps: frames per second of `frames`.
+        keyframe_latents: with `output_type="latent"` and keyframes but no refinement, the high-resolution keyframe
+            latents `[B, C, K, H', W']` for [`SkyReelsV4RefinerPipeline`].
+        keyframe_indices: the base latent frame of each keyframe.
     """
 
     frames: np.ndarray | torch.Tensor | list[list[PIL.Image.Image]] | None
     audio: np.ndarray | torch.Tensor | None
     audio_sample_rate: int | None
     fps: float
+    keyframe_latents: torch.Tensor | None = None
+    keyframe_indices: list[int] | None = None

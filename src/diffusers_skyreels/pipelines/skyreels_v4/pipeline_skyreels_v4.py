@@ -66,6 +66,10 @@ class SkyReelsV4Pipeline(SkyReelsV4BasePipeline):
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         max_sequence_length: int | None = None,
+        refine: bool = False,
+        keyframe_indices: Sequence[int] | str | None = None,
+        refiner_num_inference_steps: int | None = None,
+        refiner_guidance_scale: float | None = None,
     ) -> SkyReelsV4PipelineOutput | tuple:
         r"""Generate clips with sound from text.
 
@@ -92,6 +96,11 @@ class SkyReelsV4Pipeline(SkyReelsV4BasePipeline):
                 tensors named in `callback_on_step_end_tensor_inputs` (`latents`, `audio_latents`, `prompt_embeds`,
                 `negative_prompt_embeds`); returned tensors replace them.
             max_sequence_length: most prompt tokens.
+            refine: run the refiner after the base pass: `spatial_scale`x the size and `temporal_scale`x the frame
+                rate (e.g. 480p 16 fps -> 960p 32 fps), guided by the base latents and high-resolution keyframes.
+            keyframe_indices: base latent frames predicted at high resolution in the base pass (`"auto"`: every
+                4th and the last; the default with `refine=True`).
+            refiner_num_inference_steps, refiner_guidance_scale: the refiner pass's settings (default: the base's).
         """
         if num_frames is None and duration_seconds is None:
             num_frames = 81
@@ -113,4 +122,12 @@ class SkyReelsV4Pipeline(SkyReelsV4BasePipeline):
             )
         if generate_audio:
             task.audio_condition = audio_condition(self.audio_codec, 1, timing.num_audio_latents, device=device)
-        return self.run_task(locals(), task, timing, generate_video, generate_audio, prompt_images=reference_images)
+        refinement = self.prepare_refinement(
+            refine and generate_video, keyframe_indices if generate_video else None, timing, height, width,
+            reference_images=reference_images, num_inference_steps=refiner_num_inference_steps,
+            guidance_scale=refiner_guidance_scale,
+        )
+        return self.run_task(
+            locals(), task, timing, generate_video, generate_audio, prompt_images=reference_images,
+            refinement=refinement,
+        )

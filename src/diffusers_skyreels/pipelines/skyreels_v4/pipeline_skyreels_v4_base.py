@@ -24,9 +24,10 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
-from ...models import SkyReelsV4AudioTransformer, SkyReelsV4Transformer
+from ...loaders import SkyReelsV4LoraLoaderMixin
+from ...models import SkyReelsV4AudioTransformer, SkyReelsV4RefinerTransformer, SkyReelsV4Transformer
 from ...schedulers import step_jointly
-from .conditioning import ChannelCondition, audio_condition
+from .conditioning import ChannelCondition, audio_condition, refiner_condition, refiner_num_latent_frames
 from .latent_codecs import AudioCodec, VideoCodec
 from .pipeline_output import SkyReelsV4PipelineOutput
 from .prompt_encoder import SkyReelsV4PromptEncoder
@@ -52,7 +53,20 @@ class TaskInputs:
     kept_audio: torch.Tensor | None = None
 
 
-class SkyReelsV4BasePipeline(DiffusionPipeline):
+@dataclass
+class RefinementInputs:
+    """Keyframes for the base pass and the refiner pass of the low-res + keyframes + refiner strategy (§7)."""
+
+    refine: bool = False
+    keyframe_indices: list[int] | None = None
+    # Condition of the high-resolution keyframe latents, per prompt: black latents, a given first frame for I2V.
+    keyframe_condition: ChannelCondition | None = None
+    reference_images: Sequence[ImageInput] | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+
+
+class SkyReelsV4BasePipeline(DiffusionPipeline, SkyReelsV4LoraLoaderMixin):
     r"""Base of the SkyReels V4 pipelines (not loadable itself).
 
     Components:
@@ -62,14 +76,15 @@ class SkyReelsV4BasePipeline(DiffusionPipeline):
         scheduler ([`FlowMatchEulerDiscreteScheduler`] or another flow-matching scheduler).
         audio_transformer ([`SkyReelsV4AudioTransformer`], optional): the audio branch.
         audio_vae ([`MMAudioVAE`] or [`AutoencoderOobleck`], optional) and vocoder ([`MMAudioVocoder`], for MMAudio).
+        refiner ([`SkyReelsV4RefinerTransformer`], optional): super-resolution + frame interpolation (`refine=True`).
 
     Model CPU offload: `audio_transformer` runs nested inside `transformer` in joint generation, so it is hooked on
     its own (not chained after `transformer`, which would offload one while the other runs) and released as soon as
     denoising ends.
     """
 
-    model_cpu_offload_seq = "text_encoder->transformer->vae->audio_vae->vocoder"
-    _optional_components = ["audio_transformer", "audio_vae", "vocoder", "image_processor"]
+    model_cpu_offload_seq = "text_encoder->transformer->refiner->vae->audio_vae->vocoder"
+    _optional_components = ["audio_transformer", "audio_vae", "vocoder", "image_processor", "refiner"]
     _callback_tensor_inputs = ["latents", "audio_latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(
@@ -83,6 +98,7 @@ class SkyReelsV4BasePipeline(DiffusionPipeline):
         audio_vae: MMAudioVAE | AutoencoderOobleck | None = None,
         vocoder: MMAudioVocoder | None = None,
         image_processor=None,
+        refiner: SkyReelsV4RefinerTransformer | None = None,
     ) -> None:
         super().__init__()
         self.register_modules(
@@ -95,6 +111,7 @@ class SkyReelsV4BasePipeline(DiffusionPipeline):
             audio_vae=audio_vae,
             vocoder=vocoder,
             image_processor=image_processor,
+            refiner=refiner,
         )
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
 
@@ -168,11 +185,13 @@ class SkyReelsV4BasePipeline(DiffusionPipeline):
             raise ValueError("Provide only one of `prompt` and `prompt_embeds`.")
         if not generate_video and not generate_audio:
             raise ValueError("Nothing to generate: `generate_video` and `generate_audio` are both False.")
-        if generate_audio and (self.audio_transformer is None or self.audio_vae is None):
+        audio_vae = getattr(self, "audio_vae", None)
+        if generate_audio and (getattr(self, "audio_transformer", None) is None or audio_vae is None):
             raise ValueError("`generate_audio=True` needs the `audio_transformer` and `audio_vae` components.")
-        if self.audio_vae is not None:
-            AudioCodec(self.audio_vae, self.vocoder)  # raises if an MMAudio VAE has no vocoder
-        multiple = self.vae_scale_factor_spatial * self.transformer.config.patch_size[1]
+        if audio_vae is not None:
+            AudioCodec(audio_vae, self.vocoder)  # raises if an MMAudio VAE has no vocoder
+        denoiser = getattr(self, "transformer", None) or self.refiner
+        multiple = self.vae_scale_factor_spatial * denoiser.config.patch_size[1]
         if height <= 0 or width <= 0 or height % multiple or width % multiple:
             raise ValueError(
                 f"`height` and `width` must be positive multiples of {multiple} (VAE factor x patch size), got "
@@ -385,6 +404,61 @@ class SkyReelsV4BasePipeline(DiffusionPipeline):
             latents.append(codec.encode(waveform[None, :usable].to(device)))
         return torch.cat(latents, dim=2)
 
+    def prepare_refinement(
+        self,
+        refine: bool,
+        keyframe_indices: Sequence[int] | str | None,
+        timing: ClipTiming,
+        height: int,
+        width: int,
+        first_frame: torch.Tensor | None = None,
+        reference_images: Sequence[ImageInput] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        keyframe_stride: int = 4,
+    ) -> RefinementInputs:
+        """Keyframes (base latent frames; `"auto"` = every `keyframe_stride` and the last) and the refiner settings.
+
+        A keyframe of base latent frame `j` is the high-resolution latent frame `j * temporal_scale` of the refined
+        clip, so that the refiner can put it back as is. `first_frame` (`[B, 3, H', W']` in `[-1, 1]` at the refined
+        size) gives keyframe 0 for image-to-video.
+        """
+        if keyframe_indices is None and not refine:
+            return RefinementInputs()
+        if self.refiner is None:
+            raise ValueError("Keyframes and `refine=True` need the `refiner` component (its scales define them).")
+        last = timing.num_latent_frames - 1
+        if keyframe_indices is None or keyframe_indices == "auto":
+            if keyframe_stride < 1:
+                raise ValueError(f"`keyframe_stride` must be >= 1, got {keyframe_stride}.")
+            keyframe_indices = sorted(set(range(0, last + 1, keyframe_stride)) | {last})
+        elif isinstance(keyframe_indices, str):
+            raise ValueError(f"`keyframe_indices` must be a list of latent frames or 'auto', got {keyframe_indices!r}.")
+        indices = [int(i) for i in keyframe_indices]
+        if len(set(indices)) != len(indices) or any(not 0 <= i <= last for i in indices):
+            raise ValueError(f"`keyframe_indices` must be distinct latent frames in [0, {last}], got {indices}.")
+        spatial, temporal = self.refiner.config.spatial_scale, self.refiner.config.temporal_scale
+        high_frames = (refiner_num_latent_frames(timing.num_latent_frames, temporal) - 1) * self.vae_scale_factor_temporal + 1
+        device = self._execution_device
+        codec = VideoCodec(self.vae)
+        positions = [i * temporal for i in indices]
+        black = codec.black_latents(1, high_frames, height * spatial, width * spatial, device=device)[:, :, positions]
+        mask = torch.zeros(1, 1, *black.shape[2:], device=device)
+        if first_frame is not None and 0 in indices:
+            given = codec.encode(first_frame[:, :, None].to(device))
+            black = black.expand(given.shape[0], -1, -1, -1, -1).clone()
+            mask = mask.expand(given.shape[0], -1, -1, -1, -1).clone()
+            black[:, :, indices.index(0)] = given[:, :, 0]
+            mask[:, :, indices.index(0)] = 1.0
+        return RefinementInputs(
+            refine=refine,
+            keyframe_indices=indices,
+            keyframe_condition=ChannelCondition(black, mask),
+            reference_images=reference_images,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+        )
+
     # -- the shared loop -------------------------------------------------------------------------------------------
 
     @property
@@ -439,7 +513,7 @@ class SkyReelsV4BasePipeline(DiffusionPipeline):
     def run_task(
         self, call_args: dict[str, Any], task: TaskInputs, timing: ClipTiming, generate_video: bool,
         generate_audio: bool, prompt_images: Sequence[ImageInput] | None = None,
-        prompt_videos: Sequence[VideoInput] | None = None,
+        prompt_videos: Sequence[VideoInput] | None = None, refinement: RefinementInputs | None = None,
     ) -> SkyReelsV4PipelineOutput | tuple:
         """Run the shared loop with a task's `__call__` arguments (its `locals()`) and its conditions."""
         return self.generate(
@@ -449,8 +523,190 @@ class SkyReelsV4BasePipeline(DiffusionPipeline):
             generate_audio=generate_audio,
             prompt_images=prompt_images,
             prompt_videos=prompt_videos,
+            refinement=refinement,
             **{name: call_args[name] for name in self._GENERATE_ARGS},
         )
+
+    def denoise(
+        self,
+        *,
+        video_model: torch.nn.Module | None,
+        audio_model: torch.nn.Module | None,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        video_condition: ChannelCondition | None,
+        audio_condition: ChannelCondition | None,
+        latents: torch.Tensor | None,
+        audio_latents: torch.Tensor | None,
+        keyframe_condition: ChannelCondition | None,
+        keyframe_latents: torch.Tensor | None,
+        keyframe_indices: list[int] | None,
+        reference_latents: torch.Tensor | None,
+        audio_reference_latents: torch.Tensor | None,
+        num_video_frames: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        audio_guidance_scale: float,
+        attention_kwargs: dict[str, Any] | None,
+        callback: Callable[[int, torch.Tensor, dict], dict] | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Denoise video (with keyframes) and audio latents on one sigma schedule; returns all three.
+
+        Conditions, text and references are already batched as the model sees them (`[uncond ; cond]` with
+        guidance); `latents` / `audio_latents` / `keyframe_latents` hold one half. `callback(step, t, tensors)` may
+        replace `latents`, `audio_latents` and `text` / `text_mask`.
+        """
+        device = self._execution_device
+        copies = text.shape[0] // (latents if latents is not None else audio_latents).shape[0]
+        cfg_video = video_model is not None and copies > 1 and guidance_scale > 1
+        cfg_audio = audio_model is not None and copies > 1 and audio_guidance_scale > 1
+        dtype = (video_model or audio_model).dtype
+
+        def guided(prediction: torch.Tensor | None, scale: float, enabled: bool) -> torch.Tensor | None:
+            if prediction is None or copies == 1:
+                return prediction
+            uncond, cond = prediction.float().chunk(2)
+            return uncond + scale * (cond - uncond) if enabled else cond
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                timestep = t.expand(text.shape[0])
+                with contextlib.ExitStack() as stack:
+                    for model in (video_model, audio_model):
+                        if model is not None:
+                            stack.enter_context(model.cache_context("denoise"))
+                    audio_in = None
+                    if audio_model is not None:
+                        audio_in = audio_condition.model_input(torch.cat([audio_latents] * copies)).to(dtype)
+                    if video_model is not None:
+                        keyframes_in = None
+                        if keyframe_latents is not None:
+                            keyframes_in = keyframe_condition.model_input(torch.cat([keyframe_latents] * copies))
+                            keyframes_in = keyframes_in.to(dtype)
+                        joint = {}
+                        if audio_model is not None:
+                            joint = dict(
+                                audio_transformer=audio_model,
+                                audio_hidden_states=audio_in,
+                                audio_reference_latents=audio_reference_latents,
+                                audio_attention_kwargs=attention_kwargs,
+                            )
+                        if keyframes_in is not None:
+                            joint.update(keyframe_hidden_states=keyframes_in, keyframe_indices=keyframe_indices)
+                        output = video_model(
+                            hidden_states=video_condition.model_input(torch.cat([latents] * copies)).to(dtype),
+                            timestep=timestep,
+                            encoder_hidden_states=text,
+                            encoder_attention_mask=text_mask,
+                            reference_latents=reference_latents,
+                            attention_kwargs=attention_kwargs,
+                            return_dict=True,
+                            **joint,
+                        )
+                        video_pred, keyframe_pred, audio_pred = output.sample, output.keyframe_sample, output.audio_sample
+                    else:
+                        video_pred = keyframe_pred = None
+                        audio_pred = audio_model(
+                            audio_in,
+                            timestep,
+                            text,
+                            text_mask,
+                            reference_latents=audio_reference_latents,
+                            num_video_frames=num_video_frames,
+                            attention_kwargs=attention_kwargs,
+                            return_dict=False,
+                        )[0]
+
+                latents, keyframe_latents, audio_latents = step_jointly(
+                    self.scheduler,
+                    t,
+                    [
+                        guided(video_pred, guidance_scale, cfg_video),
+                        guided(keyframe_pred, guidance_scale, cfg_video),
+                        guided(audio_pred, audio_guidance_scale, cfg_audio),
+                    ],
+                    [latents, keyframe_latents, audio_latents],
+                )
+                if callback is not None:
+                    updates = callback(i, t, {"latents": latents, "audio_latents": audio_latents})
+                    latents = updates.get("latents", latents)
+                    audio_latents = updates.get("audio_latents", audio_latents)
+                    text, text_mask = updates.get("text", text), updates.get("text_mask", text_mask)
+                progress_bar.update()
+        return latents, keyframe_latents, audio_latents
+
+    def refined_timing(self, timing: ClipTiming) -> ClipTiming:
+        """The timing of a clip after the refiner's frame interpolation (audio cut to the refined duration)."""
+        temporal = self.refiner.config.temporal_scale
+        frames = (refiner_num_latent_frames(timing.num_latent_frames, temporal) - 1) * self.vae_scale_factor_temporal
+        return self.clip_timing(timing.fps * temporal, num_frames=frames + 1)
+
+    def run_refiner(
+        self,
+        latents: torch.Tensor,
+        keyframe_latents: torch.Tensor | None,
+        keyframe_indices: list[int] | None,
+        *,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        reference_latents: torch.Tensor | None,
+        num_inference_steps: int,
+        guidance_scale: float,
+        generator: torch.Generator | list[torch.Generator] | None,
+        attention_kwargs: dict[str, Any] | None,
+        preserved: ChannelCondition | None = None,
+        refined_latents: torch.Tensor | None = None,
+        callback: Callable[[int, torch.Tensor, dict], dict] | None = None,
+    ) -> torch.Tensor:
+        """Denoise high-resolution latents guided by `latents` (low-res, `[B, C, T, h, w]`) and the keyframes.
+
+        `text` / `reference_latents` are batched as the refiner sees them (`[uncond ; cond]` with guidance).
+        """
+        refiner = self.refiner
+        guide = refiner_condition(
+            latents,
+            refiner.config.spatial_scale,
+            refiner.config.temporal_scale,
+            keyframe_latents,
+            keyframe_indices,
+            preserved=preserved,
+        )
+        copies = text.shape[0] // latents.shape[0]
+        if refined_latents is None:
+            refined_latents = randn_tensor(
+                tuple(guide.latents.shape), generator=generator, device=latents.device, dtype=torch.float32
+            )
+        elif refined_latents.shape != guide.latents.shape:
+            raise ValueError(
+                f"`refined_latents` must have shape {tuple(guide.latents.shape)}, got {tuple(refined_latents.shape)}."
+            )
+        refined, _, _ = self.denoise(
+            video_model=refiner,
+            audio_model=None,
+            text=text.to(refiner.dtype),
+            text_mask=text_mask,
+            video_condition=ChannelCondition(torch.cat([guide.latents] * copies), torch.cat([guide.mask] * copies)),
+            audio_condition=None,
+            latents=refined_latents.to(latents.device, torch.float32),
+            audio_latents=None,
+            keyframe_condition=None,
+            keyframe_latents=None,
+            keyframe_indices=None,
+            reference_latents=reference_latents,
+            audio_reference_latents=None,
+            num_video_frames=0,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            audio_guidance_scale=1.0,
+            attention_kwargs=attention_kwargs,
+            callback=callback,
+        )
+        return refined
 
     def generate(
         self,
@@ -482,27 +738,28 @@ class SkyReelsV4BasePipeline(DiffusionPipeline):
         callback_on_step_end: Callable | None,
         callback_on_step_end_tensor_inputs: list[str],
         max_sequence_length: int | None,
+        refinement: RefinementInputs | None = None,
     ) -> SkyReelsV4PipelineOutput | tuple:
-        """Encode the prompt, denoise both modalities on one sigma schedule, decode. Inputs are already checked."""
+        """Encode the prompt, denoise both modalities (and keyframes) on one sigma schedule, optionally refine, decode.
+
+        Inputs are already checked by the task pipeline.
+        """
         device = self._execution_device
         self._guidance_scale = guidance_scale
         self._audio_guidance_scale = audio_guidance_scale
         self._interrupt = False
-        cfg_video = generate_video and guidance_scale > 1
-        cfg_audio = generate_audio and audio_guidance_scale > 1
-        do_cfg = cfg_video or cfg_audio
+        do_cfg = (generate_video and guidance_scale > 1) or (generate_audio and audio_guidance_scale > 1)
+        refinement = refinement or RefinementInputs()
+        video_model = self.transformer if generate_video else None
+        audio_model = self.audio_transformer if generate_audio else None
 
         batch = self.batch_size_of(prompt, prompt_embeds) * num_videos_per_prompt
-        video_shape = audio_shape = None
+        codec = VideoCodec(self.vae)
+        video_shape = (
+            batch, codec.latent_channels, timing.num_latent_frames,
+            height // codec.spatial_factor, width // codec.spatial_factor,
+        )
         if generate_video:
-            codec = VideoCodec(self.vae)
-            video_shape = (
-                batch,
-                codec.latent_channels,
-                timing.num_latent_frames,
-                height // codec.spatial_factor,
-                width // codec.spatial_factor,
-            )
             self._check_latents("latents", latents, video_shape)
         if generate_audio:
             audio_shape = (batch, self.audio_codec.latent_channels, timing.num_audio_latents)
@@ -527,12 +784,11 @@ class SkyReelsV4BasePipeline(DiffusionPipeline):
         )
         if not generate_video:
             self._release("text_encoder")  # nothing else would offload it before the audio branch runs
-
-        # 2. Conditions, references and initial noise.
-        transformer_dtype = (self.transformer if generate_video else self.audio_transformer).dtype
         copies = 2 if do_cfg else 1
+        model_dtype = (video_model or audio_model).dtype
 
         def expand(x: torch.Tensor | None) -> torch.Tensor | None:
+            """Per-prompt (or shared) tensors -> the model batch `[uncond ; cond]`."""
             if x is None:
                 return None
             x = x.to(device)
@@ -540,21 +796,8 @@ class SkyReelsV4BasePipeline(DiffusionPipeline):
                 x = x.repeat_interleave(batch // x.shape[0], dim=0)
             return torch.cat([x] * copies) if copies > 1 else x
 
-        video_cond = audio_cond = None
-        if generate_video:
-            condition = task.video_condition
-            video_cond = ChannelCondition(expand(condition.latents), expand(condition.mask))
-            if latents is None:
-                latents = randn_tensor(video_shape, generator=generator, device=device, dtype=torch.float32)
-        if generate_audio:
-            condition = task.audio_condition
-            audio_cond = ChannelCondition(expand(condition.latents), expand(condition.mask))
-            if audio_latents is None:
-                audio_latents = randn_tensor(audio_shape, generator=generator, device=device, dtype=torch.float32)
-        latents = None if latents is None else latents.to(device, torch.float32)
-        audio_latents = None if audio_latents is None else audio_latents.to(device, torch.float32)
-        reference_latents = expand(task.reference_latents)
-        audio_reference_latents = expand(task.audio_reference_latents)
+        def expand_condition(condition: ChannelCondition | None) -> ChannelCondition | None:
+            return None if condition is None else ChannelCondition(expand(condition.latents), expand(condition.mask))
 
         def model_text(positive, positive_mask, negative, negative_mask):
             if do_cfg:
@@ -562,89 +805,84 @@ class SkyReelsV4BasePipeline(DiffusionPipeline):
             else:
                 text, mask = positive, positive_mask
             # No padding anywhere: drop the mask so that fast attention backends apply (one check, not per step).
-            return text.to(transformer_dtype), None if mask is None or bool(mask.all()) else mask
+            return text.to(model_dtype), None if mask is None or bool(mask.all()) else mask
 
         text, text_mask = model_text(
             prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask
         )
 
-        # 3. Denoising loop: one sigma schedule for both modalities.
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        self._num_timesteps = len(timesteps)
-        caches = [m for m, used in ((self.transformer, generate_video), (self.audio_transformer, generate_audio)) if used]
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                timestep = t.expand(batch * copies)
-                video_in = audio_in = None
-                if generate_video:
-                    video_in = video_cond.model_input(torch.cat([latents] * copies)).to(transformer_dtype)
-                if generate_audio:
-                    audio_in = audio_cond.model_input(torch.cat([audio_latents] * copies)).to(transformer_dtype)
-                with contextlib.ExitStack() as stack:
-                    for model in caches:
-                        stack.enter_context(model.cache_context("denoise"))
-                    if generate_video:
-                        video_pred, _, audio_pred = self.transformer(
-                            hidden_states=video_in,
-                            timestep=timestep,
-                            encoder_hidden_states=text,
-                            encoder_attention_mask=text_mask,
-                            reference_latents=reference_latents,
-                            audio_transformer=self.audio_transformer if generate_audio else None,
-                            audio_hidden_states=audio_in,
-                            audio_reference_latents=audio_reference_latents if generate_audio else None,
-                            attention_kwargs=attention_kwargs,
-                            audio_attention_kwargs=attention_kwargs,
-                            return_dict=False,
-                        )
-                    else:
-                        video_pred = None
-                        audio_pred = self.audio_transformer(
-                            audio_in,
-                            timestep,
-                            text,
-                            text_mask,
-                            reference_latents=audio_reference_latents,
-                            num_video_frames=timing.num_latent_frames,
-                            attention_kwargs=attention_kwargs,
-                            return_dict=False,
-                        )[0]
-
-                if do_cfg:
-                    if generate_video:
-                        uncond, cond = video_pred.float().chunk(2)
-                        video_pred = uncond + guidance_scale * (cond - uncond) if cfg_video else cond
-                    if generate_audio:
-                        uncond, cond = audio_pred.float().chunk(2)
-                        audio_pred = uncond + audio_guidance_scale * (cond - uncond) if cfg_audio else cond
-                latents, audio_latents = step_jointly(
-                    self.scheduler, t, [video_pred, audio_pred], [latents, audio_latents]
+        def on_step_end(step: int, t: torch.Tensor, tensors: dict) -> dict:
+            nonlocal prompt_embeds, negative_prompt_embeds
+            if callback_on_step_end is None:
+                return {}
+            available = {**tensors, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
+            outputs = callback_on_step_end(self, step, t, {k: available[k] for k in callback_on_step_end_tensor_inputs})
+            updates = {k: outputs[k] for k in ("latents", "audio_latents") if k in outputs}
+            if "prompt_embeds" in outputs or "negative_prompt_embeds" in outputs:
+                prompt_embeds = outputs.get("prompt_embeds", prompt_embeds)
+                negative_prompt_embeds = outputs.get("negative_prompt_embeds", negative_prompt_embeds)
+                updates["text"], updates["text_mask"] = model_text(
+                    prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask
                 )
+            return updates
 
-                if callback_on_step_end is not None:
-                    available = {
-                        "latents": latents,
-                        "audio_latents": audio_latents,
-                        "prompt_embeds": prompt_embeds,
-                        "negative_prompt_embeds": negative_prompt_embeds,
-                    }
-                    outputs = callback_on_step_end(
-                        self, i, t, {k: available[k] for k in callback_on_step_end_tensor_inputs}
-                    )
-                    latents = outputs.pop("latents", latents)
-                    audio_latents = outputs.pop("audio_latents", audio_latents)
-                    if "prompt_embeds" in outputs or "negative_prompt_embeds" in outputs:
-                        prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
-                        negative_prompt_embeds = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
-                        text, text_mask = model_text(
-                            prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
-                            negative_prompt_attention_mask,
-                        )
-                progress_bar.update()
+        # 2. Initial noise and the base pass (video, keyframes, audio together).
+        if generate_video and latents is None:
+            latents = randn_tensor(video_shape, generator=generator, device=device, dtype=torch.float32)
+        if generate_audio and audio_latents is None:
+            audio_latents = randn_tensor(audio_shape, generator=generator, device=device, dtype=torch.float32)
+        keyframe_latents = None
+        if generate_video and refinement.keyframe_condition is not None:
+            keyframe_shape = (batch, *refinement.keyframe_condition.latents.shape[1:])
+            keyframe_latents = randn_tensor(keyframe_shape, generator=generator, device=device, dtype=torch.float32)
+        latents = None if latents is None else latents.to(device, torch.float32)
+        audio_latents = None if audio_latents is None else audio_latents.to(device, torch.float32)
+
+        latents, keyframe_latents, audio_latents = self.denoise(
+            video_model=video_model,
+            audio_model=audio_model,
+            text=text,
+            text_mask=text_mask,
+            video_condition=expand_condition(task.video_condition),
+            audio_condition=expand_condition(task.audio_condition),
+            latents=latents,
+            audio_latents=audio_latents,
+            keyframe_condition=expand_condition(refinement.keyframe_condition),
+            keyframe_latents=keyframe_latents,
+            keyframe_indices=refinement.keyframe_indices,
+            reference_latents=expand(task.reference_latents),
+            audio_reference_latents=expand(task.audio_reference_latents),
+            num_video_frames=timing.num_latent_frames,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            audio_guidance_scale=audio_guidance_scale,
+            attention_kwargs=attention_kwargs,
+            callback=on_step_end,
+        )
         self._release("audio_transformer")
+
+        # 3. The refiner pass: super-resolution + frame interpolation guided by the base latents and keyframes.
+        out_timing = timing
+        if generate_video and refinement.refine:
+            references = None
+            if refinement.reference_images:
+                scale = self.refiner.config.spatial_scale
+                references = self.encode_reference_images(
+                    refinement.reference_images, height * scale, width * scale, device
+                )
+            latents = self.run_refiner(
+                latents,
+                keyframe_latents,
+                refinement.keyframe_indices if keyframe_latents is not None else None,
+                text=text,
+                text_mask=text_mask,
+                reference_latents=expand(references),
+                num_inference_steps=refinement.num_inference_steps or num_inference_steps,
+                guidance_scale=guidance_scale if refinement.guidance_scale is None else refinement.guidance_scale,
+                generator=generator,
+                attention_kwargs=attention_kwargs,
+            )
+            out_timing = self.refined_timing(timing)
 
         # 4. Decode.
         frames = audio = None
@@ -652,12 +890,12 @@ class SkyReelsV4BasePipeline(DiffusionPipeline):
             frames, audio = latents, audio_latents
         else:
             if generate_video:
-                video = VideoCodec(self.vae).decode(latents)
+                video = codec.decode(latents)
                 frames = self.video_processor.postprocess_video(video.float(), output_type=output_type)
             if generate_audio:
                 audio = task.kept_audio if task.kept_audio is not None else self.audio_codec.decode(audio_latents)
-                audio = torch.nn.functional.pad(audio, (0, max(0, timing.num_audio_samples - audio.shape[1])))
-                audio = audio[:, : timing.num_audio_samples].float().cpu()
+                audio = torch.nn.functional.pad(audio, (0, max(0, out_timing.num_audio_samples - audio.shape[1])))
+                audio = audio[:, : out_timing.num_audio_samples].float().cpu()
                 if task.kept_audio is not None and audio.shape[0] != batch:
                     audio = audio.repeat_interleave(batch // audio.shape[0], dim=0)
                 if output_type != "pt":
@@ -665,6 +903,14 @@ class SkyReelsV4BasePipeline(DiffusionPipeline):
         self.maybe_free_model_hooks()
 
         sample_rate = self.audio_sample_rate if generate_audio else None
+        keyframes = keyframe_latents if output_type == "latent" and not refinement.refine else None
         if not return_dict:
-            return frames, audio, sample_rate, timing.fps
-        return SkyReelsV4PipelineOutput(frames=frames, audio=audio, audio_sample_rate=sample_rate, fps=timing.fps)
+            return frames, audio, sample_rate, out_timing.fps
+        return SkyReelsV4PipelineOutput(
+            frames=frames,
+            audio=audio,
+            audio_sample_rate=sample_rate,
+            fps=out_timing.fps,
+            keyframe_latents=keyframes,
+            keyframe_indices=refinement.keyframe_indices if keyframes is not None else None,
+        )

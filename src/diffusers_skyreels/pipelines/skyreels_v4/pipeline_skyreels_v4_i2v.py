@@ -57,6 +57,10 @@ class SkyReelsV4ImageToVideoPipeline(SkyReelsV4BasePipeline):
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         max_sequence_length: int | None = None,
+        refine: bool = False,
+        keyframe_indices: Sequence[int] | str | None = None,
+        refiner_num_inference_steps: int | None = None,
+        refiner_guidance_scale: float | None = None,
     ) -> SkyReelsV4PipelineOutput | tuple:
         r"""Animate an image, optionally towards a last image through keyframes.
 
@@ -68,6 +72,8 @@ class SkyReelsV4ImageToVideoPipeline(SkyReelsV4BasePipeline):
                 the exact size.
             condition_noise: std of the noise added to the condition latents; > 0 loosens a too-strong first frame
                 (frozen output).
+            refine, keyframe_indices, refiner_num_inference_steps, refiner_guidance_scale: as in
+                [`SkyReelsV4Pipeline.__call__`]; keyframe 0 is the first image at the refined size.
             Other arguments: as in [`SkyReelsV4Pipeline.__call__`].
         """
         if num_frames is None and duration_seconds is None:
@@ -100,7 +106,22 @@ class SkyReelsV4ImageToVideoPipeline(SkyReelsV4BasePipeline):
         )
         if generate_audio:
             task.audio_condition = audio_condition(self.audio_codec, 1, timing.num_audio_latents, device=device)
-        return self.run_task(locals(), task, timing, True, generate_audio, prompt_images=reference_images)
+        first_frame = None
+        if refine or keyframe_indices is not None:
+            scale = self.refiner.config.spatial_scale if self.refiner is not None else 1
+            # The image already fits the base size, so scaling it to the refined size keeps its framing.
+            first_frame = torch.stack(
+                [self.preprocess_image(im, height * scale, width * scale, resize_mode or "stretch", "image")
+                 for im in self._images_per_prompt(image, batch, "image")]
+            )
+        refinement = self.prepare_refinement(
+            refine, keyframe_indices, timing, height, width, first_frame=first_frame,
+            reference_images=reference_images, num_inference_steps=refiner_num_inference_steps,
+            guidance_scale=refiner_guidance_scale,
+        )
+        return self.run_task(
+            locals(), task, timing, True, generate_audio, prompt_images=reference_images, refinement=refinement
+        )
 
     def _place_images(
         self, image, last_image, keyframe_images, keyframe_times, batch: int, num_frames: int, fps: float,
