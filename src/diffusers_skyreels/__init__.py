@@ -8,6 +8,7 @@ import sys
 
 from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin
 
+from .loaders import SkyReelsV4LoraLoaderMixin
 from .models import (
     SkyReelsV4AudioTransformer,
     SkyReelsV4RefinerTransformer,
@@ -46,6 +47,7 @@ __all__ = [
     "DiffusionPipeline",
     "ModelMixin",
     "SchedulerMixin",
+    "SkyReelsV4LoraLoaderMixin",
     "SkyReelsV4PipelineOutput",
     "SkyReelsV4PromptEncoder",
     "SkyReelsV4TransformerOutput",

@@ -4,6 +4,7 @@ denoising loop and decoding. The task pipelines only decide what is given (throu
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ from diffusers.video_processor import VideoProcessor
 from ...loaders import SkyReelsV4LoraLoaderMixin
 from ...models import SkyReelsV4AudioTransformer, SkyReelsV4RefinerTransformer, SkyReelsV4Transformer
 from ...schedulers import step_jointly
+from ...utils.model_card import write_pipeline_card
 from .conditioning import ChannelCondition, audio_condition, refiner_condition, refiner_num_latent_frames
 from .latent_codecs import AudioCodec, VideoCodec
 from .pipeline_output import SkyReelsV4PipelineOutput
@@ -114,6 +116,11 @@ class SkyReelsV4BasePipeline(DiffusionPipeline, SkyReelsV4LoraLoaderMixin):
             refiner=refiner,
         )
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """Diffusers' `save_pretrained`, plus a model card (`README.md`) describing the saved components."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        write_pipeline_card(self, save_directory)
 
     # -- sizes -----------------------------------------------------------------------------------------------------
 
