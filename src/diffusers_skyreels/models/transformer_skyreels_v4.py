@@ -130,6 +130,7 @@ class SkyReelsV4Transformer(SkyReelsV4BranchModel):
         audio_transformer: SkyReelsV4BranchModel | None = None,
         audio_hidden_states: torch.Tensor | None = None,
         audio_reference_latents: torch.Tensor | None = None,
+        audio_timestep: torch.Tensor | float | None = None,
         attention_kwargs: dict[str, Any] | None = None,
         audio_attention_kwargs: dict[str, Any] | None = None,
         return_dict: bool = True,
@@ -147,6 +148,8 @@ class SkyReelsV4Transformer(SkyReelsV4BranchModel):
             audio_transformer: the audio branch; when given, both branches run in lockstep.
             audio_hidden_states: `[B, 2C_a + 1, T_a]` input of the audio branch.
             audio_reference_latents: `[B, C_a, T_ref]` reference audio latents.
+            audio_timestep: the audio branch's own timestep (training with separate noise levels per modality);
+                default: `timestep`, shared as in the paper.
             attention_kwargs: `{"scale": s}` scales this branch's LoRA layers.
             audio_attention_kwargs: the same for the audio branch.
             return_dict: return a `SkyReelsV4TransformerOutput` instead of a tuple
@@ -157,6 +160,8 @@ class SkyReelsV4Transformer(SkyReelsV4BranchModel):
         self._check_text(encoder_hidden_states, encoder_attention_mask, batch)
         if (audio_transformer is None) != (audio_hidden_states is None):
             raise ValueError("Joint generation needs both `audio_transformer` and `audio_hidden_states`.")
+        if audio_timestep is not None and audio_transformer is None:
+            raise ValueError("`audio_timestep` needs the audio branch (`audio_transformer`).")
         if audio_transformer is not None:
             check_joint_pair(self, audio_transformer)
 
@@ -213,7 +218,7 @@ class SkyReelsV4Transformer(SkyReelsV4BranchModel):
         else:
             audio_sample = audio_transformer(
                 audio_hidden_states,
-                timestep,
+                timestep if audio_timestep is None else audio_timestep,
                 encoder_hidden_states,
                 encoder_attention_mask,
                 reference_latents=audio_reference_latents,
