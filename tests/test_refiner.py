@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import diffusers_skyreels as ds
+from diffusers_skyreels.models.video_sparse_attention import SkyReelsV4SparseAttnProcessor
 from diffusers_skyreels.pipelines.skyreels_v4 import ChannelCondition, refiner_condition
 from fixtures_pipeline import TINY_CALL
 
@@ -91,13 +92,38 @@ def test_refiner_from_video_branch_shares_its_weights():
     assert refiner.config.temporal_scale == 3 and refiner.blocks[0].attn_cross_modal is None
     video_state = video.state_dict()
     for name, tensor in refiner.state_dict().items():
-        assert torch.equal(tensor, video_state[name]), name
+        if "to_gate_compress" in name:  # the VSA coarse gates start at zero
+            assert not tensor.any(), name
+        else:
+            assert torch.equal(tensor, video_state[name]), name
+    assert isinstance(refiner.blocks[0].attn.processor, SkyReelsV4SparseAttnProcessor)
     x, text = torch.randn(1, 9, 3, 4, 4), torch.randn(1, 3, 32)
     with torch.no_grad():
-        # Without an audio partner the video branch never uses its a<->v layers: the refiner starts equal to it.
+        # Without an audio partner the video branch never uses its a<->v layers, and VSA with all cubes and zero
+        # gates is dense attention: the refiner starts equal to the video branch.
         torch.testing.assert_close(refiner(x, 300.0, text).sample, video(x, 300.0, text).sample)
     with pytest.raises(ValueError, match="integer >= 1"):
         ds.SkyReelsV4RefinerTransformer.from_preset("tiny", spatial_scale=0)
+
+
+def test_refiner_sparse_attention_against_dense():
+    """Full top-K VSA equals dense attention; a small top-K changes the output; dense stays selectable."""
+    torch.manual_seed(0)
+    x, text = torch.randn(1, 9, 9, 16, 16), torch.randn(1, 3, 32)  # 9 x 8 x 8 patches = 3 x 2 x 2 cubes
+    refs = torch.randn(1, 4, 1, 16, 16)
+    full = ds.SkyReelsV4RefinerTransformer.from_preset("tiny", sparse_attention_top_k=12)
+    sparse = ds.SkyReelsV4RefinerTransformer.from_preset("tiny", sparse_attention_top_k=2)
+    sparse.load_state_dict(full.state_dict())
+    with torch.no_grad():
+        vsa_full = full(x, 100.0, text, reference_latents=refs).sample
+        vsa_sparse = sparse(x, 100.0, text, reference_latents=refs).sample
+        full.set_sparse_attention(False)
+        dense = full(x, 100.0, text, reference_latents=refs).sample
+    torch.testing.assert_close(vsa_full, dense, atol=1e-5, rtol=1e-5)
+    assert (vsa_sparse - dense).abs().max() > 1e-3
+    assert type(full.blocks[0].attn.processor).__name__ == "SkyReelsV4AttnProcessor"
+    with pytest.raises(ValueError, match="without `sparse_attention`"):
+        ds.SkyReelsV4Transformer.from_preset("tiny").set_sparse_attention(True)
 
 
 def test_chained_refinement_doubles_size_and_frame_rate(tiny_components):

@@ -57,7 +57,9 @@ class SkyReelsV4AttnProcessor:
         attention_mask: torch.Tensor | None = None,
         rotary_emb: RotaryEmbedding | None = None,
         encoder_rotary_emb: RotaryEmbedding | None = None,
+        sparse_layout: object | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        # `sparse_layout` is for `SkyReelsV4SparseAttnProcessor`; this processor is the dense setting and ignores it.
         if attn.is_cross_attention:
             query = attn.to_q(hidden_states)
             key, value = _project_kv(attn, encoder_hidden_states)
@@ -175,7 +177,12 @@ class SkyReelsV4Attention(nn.Module, AttentionModuleMixin):
         attention_mask: torch.Tensor | None = None,
         rotary_emb: RotaryEmbedding | None = None,
         encoder_rotary_emb: RotaryEmbedding | None = None,
+        sparse_layout: object | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if sparse_layout is None:
+            return self.processor(
+                self, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, encoder_rotary_emb
+            )
         return self.processor(
-            self, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, encoder_rotary_emb
+            self, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, encoder_rotary_emb, sparse_layout
         )

@@ -9,6 +9,7 @@ from diffusers.utils.torch_utils import maybe_allow_in_graph
 from torch import nn
 
 from .attention_skyreels_v4 import RotaryEmbedding, SkyReelsV4Attention
+from .video_sparse_attention import SparseLayout
 
 # adaLN-single: each stream gets (shift, scale, gate) for the attention and for the MLP.
 NUM_MODULATIONS = 6
@@ -80,11 +81,13 @@ class SkyReelsV4TransformerBlock(nn.Module):
         partner_hidden_states: torch.Tensor | None = None,
         temporal_rotary_emb: RotaryEmbedding | None = None,
         partner_temporal_rotary_emb: RotaryEmbedding | None = None,
+        sparse_layout: SparseLayout | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Advance `hidden_states` (x tokens) and `encoder_hidden_states` (text tokens) by one block.
 
         `temb` holds the branch's timestep projection, `[B, 2 * 6, dim]` (x stream, then text stream).
         `partner_hidden_states` are the other modality's tokens; `None` skips the cross-modal attention.
+        `sparse_layout` locates the video grid for Video Sparse Attention (with a sparse processor).
         """
         x, text = hidden_states, encoder_hidden_states
         shift, scale, gate, mlp_shift, mlp_scale, mlp_gate = (
@@ -106,6 +109,7 @@ class SkyReelsV4TransformerBlock(nn.Module):
             _modulate(self.norm1(text), c_shift[:, None], c_scale[:, None]),
             attention_mask=attention_mask,
             rotary_emb=rotary_emb,
+            sparse_layout=sparse_layout,
         )
         x = torch.addcmul(x, gate[:, None], attn_out)
         text = torch.addcmul(text, c_gate[:, None], text_attn_out)

@@ -19,9 +19,10 @@ from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from .attention_skyreels_v4 import RotaryEmbedding
+from .attention_skyreels_v4 import RotaryEmbedding, SkyReelsV4AttnProcessor
 from .block_skyreels_v4 import NUM_MODULATIONS, SkyReelsV4TransformerBlock
 from .presets import preset_config
+from .video_sparse_attention import SkyReelsV4SparseAttnProcessor, SparseLayout, add_coarse_gate
 
 
 @dataclass
@@ -52,6 +53,7 @@ class BranchTokens:
     temporal_rotary_emb: RotaryEmbedding | None  # time axis only, for the cross-modal attention
     attention_mask: torch.Tensor | None  # [B, 1, 1, S + L] or None
     text_attention_mask: torch.Tensor | None  # [B, 1, 1, L] or None
+    sparse_layout: SparseLayout | None = None  # where the video grid sits, with Video Sparse Attention on
 
 
 def check_channel_concat(in_channels: int, out_channels: int, patch_size: tuple[int, ...], num_dims: int) -> None:
@@ -117,6 +119,7 @@ class SkyReelsV4BranchModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapter
         rope_theta: float,
         rope_axes_dim: tuple[int, ...],
         eps: float,
+        sparse_attention: bool = False,
     ) -> None:
         super().__init__()
         if sum(rope_axes_dim) != attention_head_dim or any(d % 2 for d in rope_axes_dim):
@@ -156,6 +159,31 @@ class SkyReelsV4BranchModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapter
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
         self.proj_out = nn.Linear(dim, out_channels * math.prod(patch_size))
         self.gradient_checkpointing = False
+
+        self._sparse_attention = False
+        if sparse_attention:
+            for block in self.blocks:
+                add_coarse_gate(block.attn)  # zero-initialised: VSA starts as its fine stage alone
+            self.set_sparse_attention(True)
+
+    def set_sparse_attention(self, enabled: bool) -> None:
+        """Run the joint self-attention of every block as Video Sparse Attention, or dense (`False`).
+
+        Needs a model built with `sparse_attention=True` (which adds the coarse-stage gates to the weights).
+        """
+        if enabled and not getattr(self.config, "sparse_attention", False):
+            raise ValueError("This model was built without `sparse_attention`; it has no Video Sparse Attention gates.")
+        for block in self.blocks:
+            block.attn.set_processor(SkyReelsV4SparseAttnProcessor() if enabled else SkyReelsV4AttnProcessor())
+        self._sparse_attention = enabled
+
+    def _sparse_layout(self, grid_offset: int, grid: tuple[int, int, int]) -> SparseLayout | None:
+        """The VSA layout of a patch grid starting at token `grid_offset` (the references come before it)."""
+        if not self._sparse_attention:
+            return None
+        cube = tuple(self.config.sparse_attention_cube_size)
+        num_cubes = math.prod(math.ceil(g / c) for g, c in zip(grid, cube))
+        return SparseLayout(grid_offset, grid, min(self.config.sparse_attention_top_k, num_cubes), cube)
 
     # Which entry of `presets.preset_config` a subclass is built from.
     _preset_branch: str = ""
@@ -254,6 +282,7 @@ class SkyReelsV4BranchModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapter
             None if partner is None else partner.hidden_states,
             None if partner is None else tokens.temporal_rotary_emb,
             None if partner is None else partner.temporal_rotary_emb,
+            tokens.sparse_layout,
         )
         if torch.is_grad_enabled() and self.gradient_checkpointing:
             tokens.hidden_states, tokens.encoder_hidden_states = self._gradient_checkpointing_func(block, *args)

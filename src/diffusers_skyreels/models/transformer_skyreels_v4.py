@@ -43,6 +43,10 @@ class SkyReelsV4Transformer(SkyReelsV4BranchModel):
         rope_theta: RoPE base.
         rope_axes_dim: head-dim split over (time, row, column); default as in Wan.
         eps: epsilon of the norms.
+        sparse_attention: run the joint self-attention over the video grid as Video Sparse Attention (adds the
+            zero-initialised coarse-stage gates); `set_sparse_attention(False)` switches back to dense.
+        sparse_attention_cube_size: VSA cube `(t, h, w)` in patch tokens.
+        sparse_attention_top_k: key cubes each query cube attends to (capped at the number of cubes).
     """
 
     _preset_branch = "video"
@@ -65,6 +69,9 @@ class SkyReelsV4Transformer(SkyReelsV4BranchModel):
         rope_theta: float = 10000.0,
         rope_axes_dim: tuple[int, int, int] | None = None,
         eps: float = 1e-6,
+        sparse_attention: bool = False,
+        sparse_attention_cube_size: tuple[int, int, int] = (4, 4, 4),
+        sparse_attention_top_k: int = 32,
     ) -> None:
         check_channel_concat(in_channels, out_channels, patch_size, 3)
         super().__init__(
@@ -83,6 +90,7 @@ class SkyReelsV4Transformer(SkyReelsV4BranchModel):
             rope_theta,
             tuple(rope_axes_dim) if rope_axes_dim is not None else default_rope_axes_dim(attention_head_dim, 3),
             eps,
+            sparse_attention,
         )
 
     def _keyframe_inputs(
@@ -211,6 +219,7 @@ class SkyReelsV4Transformer(SkyReelsV4BranchModel):
             encoder_hidden_states,
             encoder_attention_mask,
         )
+        tokens.sparse_layout = self._sparse_layout(num_references, grid)
 
         audio_sample = None
         if audio_transformer is None:

@@ -27,6 +27,8 @@ class SkyReelsV4RefinerTransformer(SkyReelsV4Transformer):
     Args:
         spatial_scale: output size / input size (integer).
         temporal_scale: output frame rate / input frame rate (integer; 2 takes 16 fps to 32 fps).
+        sparse_attention, sparse_attention_cube_size, sparse_attention_top_k: Video Sparse Attention, on by default
+            (4x4x4 cubes, 32 key cubes per query cube); `set_sparse_attention(False)` gives dense attention.
         Other arguments: as in [`SkyReelsV4Transformer`] (no `cross_modal_attention`: there is no audio branch).
     """
 
@@ -51,6 +53,9 @@ class SkyReelsV4RefinerTransformer(SkyReelsV4Transformer):
         eps: float = 1e-6,
         spatial_scale: int = 2,
         temporal_scale: int = 2,
+        sparse_attention: bool = True,
+        sparse_attention_cube_size: tuple[int, int, int] = (4, 4, 4),
+        sparse_attention_top_k: int = 32,
     ) -> None:
         check_channel_concat(in_channels, out_channels, patch_size, 3)
         for name, scale in (("spatial_scale", spatial_scale), ("temporal_scale", temporal_scale)):
@@ -73,18 +78,23 @@ class SkyReelsV4RefinerTransformer(SkyReelsV4Transformer):
             rope_theta,
             tuple(rope_axes_dim) if rope_axes_dim is not None else default_rope_axes_dim(attention_head_dim, 3),
             eps,
+            sparse_attention,
         )
 
     @classmethod
     def from_video_branch(cls, transformer: SkyReelsV4Transformer, **overrides: Any) -> SkyReelsV4RefinerTransformer:
         """A refiner initialised from a video branch's weights, as in the paper (the a<->v layers are dropped)."""
-        config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
-        config.pop("cross_modal_attention", None)
+        # The refiner's own defaults decide the attention (VSA on) unless `overrides` say otherwise.
+        skip = ("cross_modal_attention", "sparse_attention", "sparse_attention_cube_size", "sparse_attention_top_k")
+        config = {k: v for k, v in transformer.config.items() if not k.startswith("_") and k not in skip}
         refiner = cls(**{**config, **overrides})
         missing, unexpected = refiner.load_state_dict(transformer.state_dict(), strict=False)
+        missing = [key for key in missing if "to_gate_compress" not in key]  # VSA gates start at zero
         if missing or any("cross_modal" not in key for key in unexpected):
             raise ValueError(f"The video branch does not match the refiner: missing {missing}, unexpected {unexpected}.")
-        return refiner.to(transformer.device, transformer.dtype)
+        if (refiner.device, refiner.dtype) != (transformer.device, transformer.dtype):
+            refiner = refiner.to(transformer.device, transformer.dtype)
+        return refiner
 
     def forward(
         self,
