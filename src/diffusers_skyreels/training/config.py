@@ -11,6 +11,8 @@ from .flow_matching import WEIGHTING_SCHEMES
 from .tasks import MODES, TaskRates
 
 LORA_TARGETS = "to_q,to_k,to_v,to_out.0"
+# Keyframe steps by default with paired data: half, so that the base model also learns to run without keyframes.
+DEFAULT_KEYFRAME_RATE = 0.5
 
 
 def _arg(default: typing.Any, help: str, **extra: typing.Any) -> typing.Any:
@@ -30,11 +32,18 @@ class TrainingConfig:
     video_column: str = _arg("file_name", "Metadata key of the clip path (relative to dataset_dir).")
     caption_column: str = _arg("text", "Metadata key of the caption.")
     output_dir: str = _arg("skyreels-v4-trained", "Where checkpoints, validation samples and the result go.")
-    mode: str = _arg("joint", "Train the video branch, the audio branch or both jointly.", choices=MODES)
+    mode: str = _arg(
+        "joint", "Train the video branch, the audio branch, both jointly, or the refiner (super-resolution + frame "
+        "interpolation; implies --paired_data).", choices=MODES)
     height: int = _arg(256, "Training height in pixels (multiple of VAE factor x patch size).")
     width: int = _arg(256, "Training width in pixels.")
     num_frames: int = _arg(33, "Frames per training clip, of the form 4k + 1.")
     fps: float = _arg(16.0, "Training frame rate; clips are resampled to it (the paper trains at 16 fps).")
+    paired_data: bool = _arg(
+        False, "Decode each clip at the refiner's scale (spatial_scale x --height/--width, (num_frames - 1) x "
+        "temporal_scale + 1 frames at temporal_scale x --fps) and derive the training clip from it (area "
+        "downsampling, every temporal_scale-th frame); both latents are cached. Needed by keyframe tokens and --mode "
+        "refiner.")
     strict: bool = _arg(False, "Fail on unusable clips (undecodable, too short, no audio) instead of skipping.")
     cache_dir: str | None = _arg(
         None, "Latent cache folder (safetensors): made on first use, then the VAEs and text encoder do not run.")
@@ -85,6 +94,24 @@ class TrainingConfig:
     audio_reference_rate: float = _arg(TaskRates.audio_reference, "Steps with a chunk of its audio as reference.")
     caption_dropout_rate: float = _arg(TaskRates.caption_dropout, "Captions replaced by \"\" (for CFG).")
 
+    # -- high-resolution keyframes and the refiner (need paired data) ------------------------------------------
+    keyframe_rate: float | None = _arg(
+        None, "video / joint: share of steps whose batch also predicts high-resolution keyframe tokens (default: "
+        f"{DEFAULT_KEYFRAME_RATE} with --paired_data, else 0).")
+    keyframe_stride: int = _arg(4, "Keyframes are every N-th latent frame and the last (the pipelines' 'auto').")
+    keyframe_subset_rate: float = _arg(
+        TaskRates.keyframe_subset, "Share of keyframe draws (per step in video / joint, per sample in refiner mode) "
+        "that keep a random non-empty subset of the 'auto' keyframes instead of all of them.")
+    keyframe_loss_weight: float = _arg(1.0, "Weight of the keyframe MSE (added to the video MSE).")
+    refiner_keyframe_rate: float = _arg(
+        TaskRates.refiner_keyframes, "refiner: share of samples whose guide holds ground-truth high-resolution "
+        "keyframes (the chained pipeline's case); the others have none (refining a clip alone).")
+    refiner_guide_noise_rate: float = _arg(
+        TaskRates.guide_noise, "refiner: share of samples whose low-resolution latents get Gaussian noise before the "
+        "guide is built, so that the refiner does not trust the base model's latents blindly.")
+    refiner_guide_noise_strength: float = _arg(
+        0.1, "refiner: the noise's standard deviation is drawn uniformly in [0, this] (latents have unit scale).")
+
     # -- LoRA --------------------------------------------------------------------------------------------------
     use_lora: bool = _arg(False, "Train LoRA adapters instead of the full branches.")
     rank: int = _arg(16, "LoRA rank of the video branch.")
@@ -109,13 +136,27 @@ class TrainingConfig:
     hub_token: str | None = _arg(None, "Hub token (default: the logged-in one).")
     hub_private: bool = _arg(False, "Create the Hub repository as private.")
 
+    @property
+    def paired(self) -> bool:
+        """Whether clips come with their high-resolution twin (asked for, or needed by the refiner)."""
+        return self.paired_data or self.mode == "refiner"
+
+    @property
+    def resolved_keyframe_rate(self) -> float:
+        """`--keyframe_rate`, or its default: keyframes on about half the steps when there is paired data."""
+        if self.keyframe_rate is not None:
+            return self.keyframe_rate
+        return DEFAULT_KEYFRAME_RATE if self.paired and self.mode in ("video", "joint") else 0.0
+
     def task_rates(self) -> TaskRates:
         return TaskRates(
             i2v=self.i2v_rate, first_last=self.first_last_rate, extension=self.extension_rate,
             inpaint=self.inpaint_rate, video_keep=self.video_keep_rate,
             audio_continuation=self.audio_continuation_rate, audio_keep=self.audio_keep_rate,
             image_reference=self.image_reference_rate, audio_reference=self.audio_reference_rate,
-            caption_dropout=self.caption_dropout_rate,
+            caption_dropout=self.caption_dropout_rate, keyframes=self.resolved_keyframe_rate,
+            keyframe_subset=self.keyframe_subset_rate, refiner_keyframes=self.refiner_keyframe_rate,
+            guide_noise=self.refiner_guide_noise_rate,
         )
 
     def lora_targets(self, branch: str) -> list[str]:
@@ -132,22 +173,32 @@ class TrainingConfig:
             raise ValueError(f"--mode must be one of {MODES}, got {self.mode!r}.")
         if self.num_frames < 1 or (self.num_frames - 1) % 4:
             raise ValueError(f"--num_frames must have the form 4k + 1, got {self.num_frames}.")
-        for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_reference_frames"):
+        for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_reference_frames",
+                     "keyframe_stride"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if self.precompute_only and not self.cache_dir:
             raise ValueError("--precompute_only needs --cache_dir.")
         if self.use_lora and (self.rank < 1 or (self.audio_rank is not None and self.audio_rank < 1)):
             raise ValueError("LoRA ranks must be at least 1.")
-        if self.video_loss_weight < 0 or self.audio_loss_weight < 0:
+        if min(self.video_loss_weight, self.audio_loss_weight, self.keyframe_loss_weight) < 0:
             raise ValueError("Loss weights must be non-negative.")
+        if self.refiner_guide_noise_strength < 0:
+            raise ValueError(f"--refiner_guide_noise_strength must be >= 0, got {self.refiner_guide_noise_strength}.")
+        if self.resolved_keyframe_rate > 0:
+            if self.mode not in ("video", "joint"):
+                raise ValueError(f"--keyframe_rate: keyframe tokens belong to the video branch (--mode video or "
+                                 f"joint), not --mode {self.mode}.")
+            if not self.paired:
+                raise ValueError("--keyframe_rate > 0 needs --paired_data: keyframe targets are high-resolution "
+                                 "latents of the clip.")
         self.task_rates()  # validates the rates
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `examples/train_skyreels_v4.py`, one `--flag` per `TrainingConfig` field."""
     parser = argparse.ArgumentParser(
-        description="Train or fine-tune (LoRA) SkyReels V4: video branch, audio branch or both jointly.",
+        description="Train or fine-tune (LoRA) SkyReels V4: video branch, audio branch, both jointly, or the refiner.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     hints = typing.get_type_hints(TrainingConfig)

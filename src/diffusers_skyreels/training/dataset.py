@@ -10,9 +10,17 @@ Format (fill it from your own clips)::
 at the training frame rate (nearest source frame), scaled to cover the training size and centre-cropped; the audio is
 resampled to the audio VAE's rate, mixed to mono and cut to exactly the duration of the frames (`clip_timing`).
 
+Paired data (`PairedScales`, for the base model's high-resolution keyframes and for the refiner): each clip is
+decoded once at the refiner's scale, `spatial`x the training size with `(num_frames - 1) * temporal + 1` frames at
+`temporal`x the frame rate, and the training clip is derived from it by area downsampling (the mean of each
+`spatial x spatial` block) and keeping every `temporal`-th frame, so that both describe exactly the same content.
+Frame `i` of the training clip is frame `i * temporal` of the high-resolution one. The audio is the training clip's.
+
 Bad input: a caption naming a missing file is an error listing every missing file (before anything trains). A file
 that cannot be decoded, is shorter than the training clip, or (in audio / joint mode) has no audio stream is skipped;
-the skips are logged with their count and file names, and `strict=True` turns them into an error.
+with paired data, so is a file whose frame rate or size is below the high-resolution clip's (its frames would be
+repeated or upscaled: no target for frame interpolation or super-resolution). The skips are logged with their count
+and file names, and `strict=True` turns them into an error.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -90,6 +99,46 @@ def read_metadata(
     return records
 
 
+@dataclass(frozen=True)
+class PairedScales:
+    """The high-resolution twin of every training clip: `spatial`x its size, `temporal`x its frame rate (the
+    refiner's `spatial_scale` and `temporal_scale`)."""
+
+    spatial: int
+    temporal: int
+
+    def __post_init__(self) -> None:
+        for name in ("spatial", "temporal"):
+            value = getattr(self, name)
+            if int(value) != value or value < 1:
+                raise ValueError(f"The {name} scale of paired data must be an integer >= 1, got {value}.")
+
+    def high_res(self, height: int, width: int, num_frames: int, fps: float) -> tuple[int, int, int, float]:
+        """`(height, width, num_frames, fps)` of the high-resolution clip of a training clip."""
+        return height * self.spatial, width * self.spatial, (num_frames - 1) * self.temporal + 1, fps * self.temporal
+
+    def downsample(self, video: torch.Tensor) -> torch.Tensor:
+        """`[..., 3, F, H, W]` high-resolution frames -> the training clip: every `temporal`-th frame, each
+        `spatial x spatial` block averaged."""
+        frames = video[..., :: self.temporal, :, :]
+        pooled = torch.nn.functional.avg_pool2d(frames.flatten(0, -3)[:, None], self.spatial)
+        return pooled[:, 0].unflatten(0, frames.shape[:-2])
+
+    def settings(self) -> dict[str, int]:
+        return {"spatial_scale": self.spatial, "temporal_scale": self.temporal}
+
+
+def clip_requirements(
+    height: int, width: int, num_frames: int, fps: float, paired: PairedScales | None = None
+) -> dict[str, Any]:
+    """What `probe_clip` checks a source clip against (keyword arguments): its duration, and with paired data the
+    frame rate and size of the high-resolution clip, which it must reach without repeating or upscaling frames."""
+    if paired is None:
+        return {"min_duration": num_frames / fps}
+    high_height, high_width, high_frames, high_fps = paired.high_res(height, width, num_frames, fps)
+    return {"min_duration": high_frames / high_fps, "min_fps": high_fps, "min_size": (high_height, high_width)}
+
+
 @dataclass
 class ScanReport:
     """The usable clips (`ClipRecord`s, or the cache's entries) and, per reason, the skipped ones as
@@ -122,8 +171,16 @@ class ScanReport:
             raise ValueError(f"No usable training clips: {self.summary()}.")
 
 
-def probe_clip(path: Path, min_duration: float, needs_audio: bool) -> tuple[str, str] | None:
+def probe_clip(
+    path: Path,
+    min_duration: float,
+    needs_audio: bool,
+    min_fps: float | None = None,
+    min_size: tuple[int, int] | None = None,
+) -> tuple[str, str] | None:
     """Cheap check before training: `None` if the clip looks usable, else `(reason, detail)`.
+
+    `min_fps`, `min_size` (`(height, width)`): the frame rate and size it must have (paired data).
 
     Opens the container, decodes the first video frame and reads the declared duration; it cannot see damage later in
     the file (`decode_clip` reports that when it happens).
@@ -142,18 +199,23 @@ def probe_clip(path: Path, min_duration: float, needs_audio: bool) -> tuple[str,
             elif stream.duration and stream.time_base:
                 duration = float(stream.duration * stream.time_base)
             rate = stream.average_rate or stream.guessed_rate
+            size = (stream.codec_context.height, stream.codec_context.width)
     except (av.FFmpegError, StopIteration, OSError) as error:
         return "undecodable", f"{type(error).__name__}: {error}"
     if duration is not None and rate and duration + 0.5 / float(rate) < min_duration:
         return "too short", f"{duration:.3f} s < {min_duration:.3f} s"
+    if min_fps is not None and (not rate or float(rate) < min_fps - 1e-3):
+        return "frame rate too low", f"{float(rate or 0):g} fps < {min_fps:g} fps"
+    if min_size is not None and any(need > have for need, have in zip(min_size, size, strict=True)):
+        return "resolution too low", f"{size[1]}x{size[0]} cannot cover {min_size[1]}x{min_size[0]}"
     return None
 
 
-def scan_clips(records: list[ClipRecord], min_duration: float, needs_audio: bool) -> ScanReport:
-    """Probe every clip (see `probe_clip`)."""
+def scan_clips(records: list[ClipRecord], min_duration: float, needs_audio: bool, **requirements: Any) -> ScanReport:
+    """Probe every clip (see `probe_clip`, which takes `requirements`)."""
     report = ScanReport(usable=[])
     for record in records:
-        problem = probe_clip(record.path, min_duration, needs_audio)
+        problem = probe_clip(record.path, min_duration, needs_audio, **requirements)
         if problem is None:
             report.usable.append(record)
         else:
@@ -176,10 +238,12 @@ def resize_and_crop(frames: np.ndarray, height: int, width: int) -> torch.Tensor
 
 @dataclass
 class ClipMedia:
-    """A decoded training clip: `video [3, F, H, W]` in `[-1, 1]` and mono `audio [samples]` (or `None`)."""
+    """A decoded training clip: `video [3, F, H, W]` in `[-1, 1]`, mono `audio [samples]` (or `None`) and, with
+    paired data, the high-resolution clip `video_high [3, F', sH, sW]` that `video` is derived from."""
 
     video: torch.Tensor
     audio: torch.Tensor | None
+    video_high: torch.Tensor | None = None
 
 
 def decode_clip(
@@ -190,12 +254,19 @@ def decode_clip(
     fps: float,
     audio_sample_rate: int | None,
     num_audio_samples: int,
+    paired: PairedScales | None = None,
 ) -> ClipMedia:
     """Decode the first `num_frames / fps` seconds of a clip at the training size and rate (see module doc).
 
-    `audio_sample_rate=None` skips the audio; a clip without an audio stream gives `audio=None`. Raises `ValueError`
-    naming the file if it cannot be decoded or is too short.
+    `audio_sample_rate=None` skips the audio; a clip without an audio stream gives `audio=None`; `num_audio_samples`
+    are returned (zero-padded where the file's audio ends first). With `paired`, the clip is decoded at high
+    resolution and `video` derived from it. Raises `ValueError` naming the file if it cannot be decoded or is too
+    short.
     """
+    if paired is not None:
+        high_res = paired.high_res(height, width, num_frames, fps)
+        high = decode_clip(path, *high_res, audio_sample_rate, num_audio_samples)
+        return ClipMedia(video=paired.downsample(high.video), audio=high.audio, video_high=high.video)
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
@@ -221,9 +292,10 @@ def decode_clip(
 class ClipDataset(Dataset):
     """Decoded clips indexed by *global sample number* (`SampleOrder` picks the clip; see `randomness.py`).
 
-    `audio_sample_rate=None` skips the audio (video-only training).
+    `audio_sample_rate=None` skips the audio (video-only training); `paired` adds the high-resolution clip.
 
-    Items: `{"sample_number", "index", "text", "video" [3, F, H, W], "audio" [samples] or None}`.
+    Items: `{"sample_number", "index", "text", "video" [3, F, H, W], "audio" [samples] or None, "video_high"
+    [3, F', sH, sW] or None}`.
     """
 
     def __init__(
@@ -236,11 +308,13 @@ class ClipDataset(Dataset):
         fps: float,
         audio_sample_rate: int | None,
         num_audio_samples: int,
+        paired: PairedScales | None = None,
     ) -> None:
         self.records = records
         self.order = SampleOrder(len(records), seed)
         self.height, self.width, self.num_frames, self.fps = height, width, num_frames, fps
         self.audio_sample_rate, self.num_audio_samples = audio_sample_rate, num_audio_samples
+        self.paired = paired
 
     def __len__(self) -> int:
         return len(self.records)
@@ -250,12 +324,12 @@ class ClipDataset(Dataset):
         record = self.records[index]
         media = decode_clip(
             record.path, self.height, self.width, self.num_frames, self.fps, self.audio_sample_rate,
-            self.num_audio_samples,
+            self.num_audio_samples, self.paired,
         )
         if self.audio_sample_rate and media.audio is None:
             raise ValueError(f"{record.path} has no audio stream; audio and joint training need one.")
         return {"sample_number": sample_number, "index": index, "text": record.text, "video": media.video,
-                "audio": media.audio}
+                "audio": media.audio, "video_high": media.video_high}
 
 
 def collate(items: list[dict]) -> dict:

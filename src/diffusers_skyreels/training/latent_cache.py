@@ -6,7 +6,11 @@ The cache (`--cache_dir`) is a folder of safetensors files (never pickle)::
     null.safetensors          black-video and silence latents (conditions where nothing is given), embedding of ""
     latents/000000.safetensors  per clip: video_latents [C, T, h, w], reference_latents [C, K, h, w] (K frames,
                               each encoded alone as an image), audio_latents [C_a, T_a] (if the clip has sound),
-                              prompt_embeds [L, D] (no padding)
+                              prompt_embeds [L, D] (no padding); with paired data also high_res_latents
+                              [C, T', sh, sw] and high_res_reference_latents [C, K, sh, sw] (the same reference frames)
+
+With paired data (`dataset.PairedScales`) the null file also holds `video_high`, the latents of a black
+high-resolution clip (the condition of keyframes that are not given).
 
 It holds whatever each clip has, independent of the training mode, so one cache serves video, audio and joint runs.
 Using a cache made with other settings (size, frames, rate, VAEs, text encoder) is an error.
@@ -25,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from ..pipelines.skyreels_v4.latent_codecs import AudioCodec, VideoCodec
-from .dataset import ClipRecord, ScanReport, decode_clip, probe_clip
+from .dataset import ClipRecord, PairedScales, ScanReport, clip_requirements, decode_clip, probe_clip
 from .randomness import SampleOrder
 
 logger = logging.getLogger(__name__)
@@ -63,10 +67,18 @@ class LatentEncoder:
         height, width, num_frames: the training clip in pixels.
         num_audio_latents: audio latents of the clip (`clip_timing`).
         num_reference_frames: how many evenly spaced frames are offered as image references.
+        paired: the scales of the high-resolution clip that comes with each training clip (`None`: none).
     """
 
     def __init__(
-        self, pipeline, height: int, width: int, num_frames: int, num_audio_latents: int, num_reference_frames: int
+        self,
+        pipeline,
+        height: int,
+        width: int,
+        num_frames: int,
+        num_audio_latents: int,
+        num_reference_frames: int,
+        paired: PairedScales | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.video_codec = VideoCodec(pipeline.vae)
@@ -74,6 +86,9 @@ class LatentEncoder:
         self.height, self.width, self.num_frames = height, width, num_frames
         self.num_audio_latents = num_audio_latents
         self.reference_frames = reference_frame_indices(num_frames, num_reference_frames)
+        self.paired = paired
+        # The same instants in the high-resolution clip (frame `i` is its frame `i * temporal`).
+        self.high_res_reference_frames = [i * paired.temporal for i in self.reference_frames] if paired else None
 
     @property
     def device(self) -> torch.device:
@@ -90,20 +105,29 @@ class LatentEncoder:
             "num_audio_latents": self.num_audio_latents,
             "audio_sample_rate": None if audio is None else audio.sample_rate,
             "reference_frames": self.reference_frames,
+            "paired": None if self.paired is None else self.paired.settings(),
             "encoders": _config_digest(
                 self.pipeline.vae, getattr(self.pipeline, "audio_vae", None), self.pipeline.text_encoder
             ),
         }
 
     @torch.no_grad()
-    def encode_video(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`[B, 3, F, H, W]` -> clip latents `[B, C, T, h, w]` and reference candidates `[B, C, K, h, w]`."""
+    def encode_video(
+        self, video: torch.Tensor, reference_frames: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[B, 3, F, H, W]` -> clip latents `[B, C, T, h, w]` and reference candidates `[B, C, K, h, w]` (the
+        `reference_frames`, default the training clip's, each encoded alone)."""
         video = video.to(self.device)
         latents = self.video_codec.encode(video).float()
-        frames = video[:, :, self.reference_frames].transpose(1, 2).flatten(0, 1)[:, :, None]  # [B*K, 3, 1, H, W]
+        reference_frames = self.reference_frames if reference_frames is None else reference_frames
+        frames = video[:, :, reference_frames].transpose(1, 2).flatten(0, 1)[:, :, None]  # [B*K, 3, 1, H, W]
         references = self.video_codec.encode(frames).float()[:, :, 0]
         references = references.unflatten(0, (video.shape[0], -1)).transpose(1, 2)
         return latents, references
+
+    def encode_high_res(self, video_high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """High-resolution clips `[B, 3, F', sH, sW]` -> their latents and reference candidates (paired data)."""
+        return self.encode_video(video_high, self.high_res_reference_frames)
 
     @torch.no_grad()
     def encode_audio(self, audio: torch.Tensor) -> torch.Tensor:
@@ -134,6 +158,10 @@ class LatentEncoder:
             "video": self.video_codec.black_latents(1, self.num_frames, self.height, self.width, self.device)[0],
             "prompt_embeds": empty[0][empty_mask[0].bool()].float(),
         }
+        if self.paired is not None:
+            high_height, high_width, high_frames, _ = self.paired.high_res(self.height, self.width, self.num_frames, 1)
+            black = self.video_codec.black_latents(1, high_frames, high_height, high_width, self.device)
+            null["video_high"] = black[0]
         if self.audio_codec is not None:
             silence = torch.zeros(1, self.num_audio_latents * self.audio_codec.hop_length, device=self.device)
             null["audio"] = self.audio_codec.encode(silence)[0].float()
@@ -190,20 +218,21 @@ def precompute_latent_cache(encoder: LatentEncoder, records: list[ClipRecord], c
                             num_audio_samples: int) -> ScanReport:
     """Encode every usable clip into `cache_dir` (see the module doc); returns which clips were cached or skipped.
 
-    Clips that cannot be decoded or are too short are skipped and listed in the index; clips without sound are
-    cached without audio latents.
+    Clips that cannot be decoded or are too short (or, with paired data, too slow or too small) are skipped and listed
+    in the index; clips without sound are cached without audio latents.
     """
     cache = LatentCache(cache_dir)
     (cache.cache_dir / "latents").mkdir(parents=True, exist_ok=True)
     audio_rate = None if encoder.audio_codec is None else encoder.audio_codec.sample_rate
     report = ScanReport(usable=[])
     entries = []
+    size = (encoder.height, encoder.width, encoder.num_frames, fps)
+    requirements = clip_requirements(*size, encoder.paired)
     for record in records:
-        problem = probe_clip(record.path, encoder.num_frames / fps, needs_audio=False)
+        problem = probe_clip(record.path, needs_audio=False, **requirements)
         if problem is None:
             try:
-                media = decode_clip(record.path, encoder.height, encoder.width, encoder.num_frames, fps, audio_rate,
-                                    num_audio_samples)
+                media = decode_clip(record.path, *size, audio_rate, num_audio_samples, encoder.paired)
             except ValueError as error:
                 problem = ("undecodable", str(error))
         if problem is not None:
@@ -215,6 +244,9 @@ def precompute_latent_cache(encoder: LatentEncoder, records: list[ClipRecord], c
             "reference_latents": references[0],
             "prompt_embeds": encoder.encode_prompts([record.text])[0],
         }
+        if media.video_high is not None:
+            high_latents, high_references = encoder.encode_high_res(media.video_high[None])
+            tensors.update(high_res_latents=high_latents[0], high_res_reference_latents=high_references[0])
         if media.audio is not None:
             tensors["audio_latents"] = encoder.encode_audio(media.audio[None])[0]
         file = f"latents/{len(entries):06d}.safetensors"
@@ -232,13 +264,16 @@ def precompute_latent_cache(encoder: LatentEncoder, records: list[ClipRecord], c
 
 class CachedLatentDataset(Dataset):
     """Cached clips indexed by global sample number. Items: `{"sample_number", "index", "text", "video_latents",
-    "reference_latents", "audio_latents", "prompt_embeds"}` (a modality not trained is `None`)."""
+    "reference_latents", "audio_latents", "prompt_embeds", "high_res_latents", "high_res_reference_latents"}` (what
+    the run does not use is `None`)."""
 
-    def __init__(self, cache: LatentCache, clips: list[CachedClip], seed: int, video: bool, audio: bool) -> None:
+    def __init__(
+        self, cache: LatentCache, clips: list[CachedClip], seed: int, video: bool, audio: bool, high_res: bool = False
+    ) -> None:
         self.cache = cache
         self.clips = clips
         self.order = SampleOrder(len(clips), seed)
-        self.video, self.audio = video, audio
+        self.video, self.audio, self.high_res = video, audio, high_res
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -254,4 +289,6 @@ class CachedLatentDataset(Dataset):
             "reference_latents": tensors["reference_latents"] if self.video else None,
             "audio_latents": tensors["audio_latents"] if self.audio else None,
             "prompt_embeds": tensors["prompt_embeds"],
+            "high_res_latents": tensors["high_res_latents"] if self.high_res else None,
+            "high_res_reference_latents": tensors["high_res_reference_latents"] if self.high_res else None,
         }

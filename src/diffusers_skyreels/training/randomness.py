@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-# One stream per kind of draw, so that enabling one random feature does not shift the draws of another.
+# One stream per kind of draw, so that enabling one random feature does not shift the draws of another. New purposes
+# go at the end: a purpose's position is part of its seed.
 PURPOSES = (
     "order", "task", "caption", "timestep", "video_noise", "audio_noise", "reference", "reference_choice",
-    "audio_timestep",
+    "audio_timestep", "keyframes", "keyframe_noise", "refiner_guide", "guide_noise",
 )
 
 

@@ -3,14 +3,20 @@
 Per sample it draws a video task (T2V, I2V, first + last frame, extension, inpainting box, or keep), an audio task
 (none, continuation, keep) and caption dropout; per optimizer step it draws whether an image reference and an audio
 reference join the batch (all samples of a step share that, since the model takes one reference tensor per batch;
-which frame or chunk is used is per sample). Masks are drawn at the pixel / waveform-sample level and turned into
-latent masks only by the conditioning helper (`latent_mask_from_pixels`, `latent_mask_from_samples`), so training
-and the pipelines share one definition of "given".
+which frame or chunk is used is per sample), and whether high-resolution keyframe tokens join it (which latent frames:
+the pipelines' "auto" keyframes or a random subset of them; one keyframe tensor per batch too). In refiner mode it
+draws per sample the ground-truth keyframes put into the refiner's guide (the guide is per sample: it is a channel of
+the input) and the noise added to the low-resolution latents. Masks are drawn at the pixel / waveform-sample level
+and turned into latent masks only by the conditioning helper (`latent_mask_from_pixels`,
+`latent_mask_from_samples`), so training and the pipelines share one definition of "given".
 
 Default rates follow the paper's stages (architecture.md §8): inpainting-style video tasks at 5 % each (I2V, first +
 last frame, extension, inpainting), audio continuation and "keep the soundtrack" at 5 % each, in-context references
 at 10 % per modality (about 20 % of steps carry a multimodal condition, the paper's SFT rate), caption dropout at 10 %
 for classifier-free guidance. The rest is plain T2V / T2A. Video "keep" (video-to-audio) is off by default.
+Keyframe steps are off unless asked for (`config.py` turns them on for half the steps with paired data); the refiner
+sees ground-truth keyframes in half of its samples (all "auto" ones as the chained pipeline, or a subset as chosen
+by a user) and none in the other half (as when it refines a clip alone).
 """
 
 from __future__ import annotations
@@ -20,15 +26,18 @@ from dataclasses import dataclass, fields
 import torch
 
 from ..pipelines.skyreels_v4.conditioning import (
+    auto_keyframe_indices,
     latent_mask_from_pixels,
     latent_mask_from_samples,
     pixel_frames_of_latent,
 )
 from .randomness import derived_generator
 
-MODES = ("video", "audio", "joint")
+MODES = ("video", "audio", "joint", "refiner")
 VIDEO_TASKS = ("t2v", "i2v", "first_last", "extension", "inpaint", "keep")
 AUDIO_TASKS = ("none", "continuation", "keep")
+# Tasks run by the image-to-video pipeline, whose first image is also keyframe 0 at high resolution.
+FIRST_FRAME_TASKS = ("i2v", "first_last")
 
 # Inpainting boxes span this fraction of the frame per side; continuation keeps this fraction of the audio.
 BOX_FRACTION = (0.25, 0.75)
@@ -51,6 +60,10 @@ class TaskRates:
     image_reference: float = 0.1
     audio_reference: float = 0.1
     caption_dropout: float = 0.1
+    keyframes: float = 0.0
+    keyframe_subset: float = 0.25
+    refiner_keyframes: float = 0.5
+    guide_noise: float = 0.1
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -76,6 +89,15 @@ class SampleTasks:
 
 
 @dataclass(frozen=True)
+class RefinerDraws:
+    """One refiner sample's draws: the base latent frames given as ground-truth keyframes (maybe none) and the
+    standard deviation of the noise added to its low-resolution latents (0: none)."""
+
+    keyframe_indices: list[int]
+    guide_noise: float
+
+
+@dataclass(frozen=True)
 class StepReferences:
     """Whether this optimizer step's batch carries an image reference and an audio reference (its length)."""
 
@@ -98,17 +120,22 @@ def _uniform_int(generator: torch.Generator, low: int, high: int) -> int:
     return int(torch.randint(low, high + 1, (), generator=generator))
 
 
+def _uniform(generator: torch.Generator) -> float:
+    return float(torch.rand((), generator=generator))
+
+
 class TaskSampler:
     """Draws tasks and references for the clips of one training size.
 
     Args:
         rates: task probabilities.
-        mode: `"video"`, `"audio"` or `"joint"`: which modalities are trained. Keeping a modality whole only makes
-            sense in joint mode (the other one is generated from it), so `keep` rates are ignored otherwise; a sample
-            never keeps both.
+        mode: `"video"`, `"audio"`, `"joint"` or `"refiner"`: which modalities are trained. Keeping a modality whole
+            only makes sense in joint mode (the other one is generated from it), so `keep` rates are ignored otherwise;
+            a sample never keeps both. The refiner has no task draws, only its keyframes and guide noise.
         num_frames, height, width: the clip in pixels; `temporal_factor`, `spatial_factor`: the video VAE's.
         num_audio_latents, audio_hop_length: the clip's audio latents and samples per latent.
         seed: the run's seed; draws are keyed by the global sample number (see `randomness.py`).
+        keyframe_stride: spacing of the "auto" keyframes.
     """
 
     def __init__(
@@ -123,6 +150,7 @@ class TaskSampler:
         num_audio_latents: int,
         audio_hop_length: int,
         seed: int,
+        keyframe_stride: int = 4,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
@@ -133,11 +161,12 @@ class TaskSampler:
         self.num_latent_frames = (num_frames - 1) // temporal_factor + 1
         self.num_audio_latents, self.audio_hop_length = num_audio_latents, audio_hop_length
         self.seed = seed
+        self.auto_keyframes = auto_keyframe_indices(self.num_latent_frames, keyframe_stride)
         joint = mode == "joint"
         self._video_rates = [rates.i2v, rates.first_last, rates.extension, rates.inpaint, rates.video_keep * joint]
         self._audio_rates = [rates.audio_continuation, rates.audio_keep * joint]
         needs_two_frames = rates.first_last + rates.extension
-        if mode != "audio" and needs_two_frames > 0 and self.num_latent_frames < 2:
+        if self.trains_video and needs_two_frames > 0 and self.num_latent_frames < 2:
             raise ValueError(
                 f"First + last frame and extension tasks need at least 2 latent frames; {num_frames} frames make "
                 f"{self.num_latent_frames}. Use more frames or set those rates to 0."
@@ -145,11 +174,11 @@ class TaskSampler:
 
     @property
     def trains_video(self) -> bool:
-        return self.mode != "audio"
+        return self.mode in ("video", "joint")
 
     @property
     def trains_audio(self) -> bool:
-        return self.mode != "video"
+        return self.mode in ("audio", "joint")
 
     # -- per sample ------------------------------------------------------------------------------------------------
 
@@ -222,7 +251,7 @@ class TaskSampler:
         audio = float(torch.rand((), generator=generator)) < self.rates.audio_reference
         low, high = (max(1, round(f * self.num_audio_latents)) for f in AUDIO_REFERENCE_FRACTION)
         length = _uniform_int(generator, low, high) if audio and self.trains_audio else 0
-        return StepReferences(image=image and self.trains_video, audio_latents=length)
+        return StepReferences(image=image and self.mode != "audio", audio_latents=length)
 
     def reference_choice(self, sample_number: int, num_image_candidates: int, audio_latents: int) -> tuple[int, int]:
         """Per sample: which reference-frame candidate and at which audio latent the audio reference chunk starts."""
@@ -230,3 +259,27 @@ class TaskSampler:
         candidate = _uniform_int(generator, 0, num_image_candidates - 1)
         offset = _uniform_int(generator, 0, max(0, self.num_audio_latents - audio_latents))
         return candidate, offset
+
+    # -- keyframes -------------------------------------------------------------------------------------------------
+
+    def _keyframe_choice(self, generator: torch.Generator) -> list[int]:
+        """The "auto" keyframes, or (at the subset rate) each of them kept with probability 1/2, at least one."""
+        if _uniform(generator) >= self.rates.keyframe_subset:
+            return list(self.auto_keyframes)
+        kept = [i for i in self.auto_keyframes if _uniform(generator) < 0.5]
+        return kept or [self.auto_keyframes[_uniform_int(generator, 0, len(self.auto_keyframes) - 1)]]
+
+    def step_keyframes(self, step: int) -> list[int] | None:
+        """The base latent frames whose high-resolution keyframe tokens join step `step`'s batch (`None`: none)."""
+        generator = derived_generator(self.seed, "keyframes", step)
+        if not self.trains_video or _uniform(generator) >= self.rates.keyframes:
+            return None
+        return self._keyframe_choice(generator)
+
+    def refiner_draws(self, sample_number: int, max_guide_noise: float) -> RefinerDraws:
+        """Refiner sample `sample_number`'s ground-truth keyframes and guide noise (std uniform in
+        `[0, max_guide_noise]`)."""
+        generator = derived_generator(self.seed, "refiner_guide", sample_number)
+        keyframes = self._keyframe_choice(generator) if _uniform(generator) < self.rates.refiner_keyframes else []
+        noise = max_guide_noise * _uniform(generator) if _uniform(generator) < self.rates.guide_noise else 0.0
+        return RefinerDraws(keyframes, noise)

@@ -1,9 +1,16 @@
-"""The training loop: full training or LoRA fine-tuning of the video branch, the audio branch, or both jointly.
+"""The training loop: full training or LoRA fine-tuning of the video branch, the audio branch, both jointly, or the
+refiner.
 
 Built on `accelerate` (devices, DDP / FSDP, mixed precision, gradient accumulation), PEFT (LoRA) and
 `diffusers.training_utils`. The frozen VAEs and text encoder come from the pipeline folder the run starts from (or
 their outputs from a latent cache). Every batch is a mix of tasks (`tasks.py`) turned into `[noisy ; I ; M]` inputs
 by the conditioning helper, trained with the flow-matching objective of `flow_matching.py`.
+
+The low-res + keyframes + refiner strategy (architecture.md §7) trains on paired data (`dataset.PairedScales`): each
+clip also at the refiner's `spatial_scale`x size and `temporal_scale`x frame rate. The video branch then learns, on
+some steps, to predict high-resolution keyframe tokens in the same pass, built as `prepare_refinement` builds them at
+inference; `--mode refiner` trains the refiner on the guide `refiner_condition` builds from the clip's low-resolution
+latents and ground-truth keyframes, as `run_refiner` does at inference.
 
 Multi-process: on GPUs, `accelerate launch --multi_gpu --num_processes N examples/train_skyreels_v4.py ...` (DDP), or
 FSDP through `accelerate config` (`distributed_type: FSDP`, `fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP`,
@@ -20,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,22 +45,29 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..pipelines.skyreels_v4.conditioning import condition_from_clip_latents
+from ..pipelines.skyreels_v4.conditioning import ChannelCondition, condition_from_clip_latents, refiner_condition
+from ..pipelines.skyreels_v4.pipeline_output import SkyReelsV4PipelineOutput
 from ..pipelines.skyreels_v4.pipeline_skyreels_v4_base import SkyReelsV4BasePipeline
+from ..pipelines.skyreels_v4.pipeline_skyreels_v4_refiner import SkyReelsV4RefinerPipeline
 from ..utils.media_io import export_to_video_with_audio, export_to_wav
 from ..utils.model_card import push_folder_to_hub, save_model_card
 from .checkpoint import load_checkpoint, prune_checkpoints, resolve_checkpoint, save_checkpoint
 from .config import TrainingConfig
-from .dataset import ClipDataset, ScanReport, collate, read_metadata, scan_clips
+from .dataset import ClipDataset, PairedScales, ScanReport, clip_requirements, collate, read_metadata, scan_clips
 from .flow_matching import TimestepSampler, masked_mse, noisy_latents, sigma_to_timestep, velocity_target
 from .latent_cache import CachedLatentDataset, LatentCache, LatentEncoder, precompute_latent_cache
 from .randomness import GlobalBatchSampler, derived_generator
-from .tasks import TaskSampler
+from .tasks import FIRST_FRAME_TASKS, SampleTasks, TaskSampler
 
 logger = logging.getLogger(__name__)
 
 # The branches each mode trains, by pipeline component name.
-BRANCHES = {"video": ("transformer",), "audio": ("audio_transformer",), "joint": ("transformer", "audio_transformer")}
+BRANCHES = {
+    "video": ("transformer",), "audio": ("audio_transformer",), "joint": ("transformer", "audio_transformer"),
+    "refiner": ("refiner",),
+}
+# How the LoRA settings name each branch (`TrainingConfig.lora_targets`, `--audio_rank`).
+LORA_BRANCH_NAMES = {"transformer": "video", "audio_transformer": "audio", "refiner": "refiner"}
 # Layers that only run in joint generation; frozen (and kept free of LoRA) when one branch trains alone, where they
 # would get no gradient.
 CROSS_MODAL_LAYERS = ("attn_cross_modal", "norm_cross_modal")
@@ -61,13 +76,17 @@ CROSS_MODAL_LAYERS = ("attn_cross_modal", "norm_cross_modal")
 class SkyReelsV4TrainingModule(nn.Module):
     """The trained branches as one module, so that DDP / FSDP wrap them (and synchronise gradients) together.
 
-    In joint mode the video branch runs the audio branch in lockstep, as in the pipelines.
+    In joint mode the video branch runs the audio branch in lockstep, as in the pipelines. The refiner is trained
+    alone.
     """
 
-    def __init__(self, transformer: nn.Module | None, audio_transformer: nn.Module | None) -> None:
+    def __init__(
+        self, transformer: nn.Module | None, audio_transformer: nn.Module | None, refiner: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.transformer = transformer
         self.audio_transformer = audio_transformer
+        self.refiner = refiner
 
     def forward(
         self,
@@ -77,26 +96,39 @@ class SkyReelsV4TrainingModule(nn.Module):
         num_video_frames: int,
         video_input: torch.Tensor | None = None,
         reference_latents: torch.Tensor | None = None,
+        keyframe_input: torch.Tensor | None = None,
+        keyframe_indices: list[int] | None = None,
         audio_input: torch.Tensor | None = None,
         audio_reference_latents: torch.Tensor | None = None,
         audio_timestep: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Velocity predictions `(video, audio)`; `None` for a modality not trained. `audio_timestep` (joint mode
-        with separate noise levels) defaults to `timestep`."""
+        refiner_input: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor | None]:
+        """Velocity predictions by name: `video`, `keyframe` (`None` without `keyframe_input`) and `audio` of the
+        trained branches, or `refiner`. `audio_timestep` (joint mode with separate noise levels) defaults to
+        `timestep`; `reference_latents` go to the video branch or the refiner."""
+        if self.refiner is not None:
+            refined = self.refiner(
+                refiner_input, timestep, encoder_hidden_states, encoder_attention_mask,
+                reference_latents=reference_latents, return_dict=False,
+            )[0]
+            return {"refiner": refined}
         if self.transformer is not None:
-            video, _, audio = self.transformer(
+            video, keyframes, audio = self.transformer(
                 hidden_states=video_input,
                 timestep=timestep,
                 encoder_hidden_states=encoder_hidden_states,
                 encoder_attention_mask=encoder_attention_mask,
                 reference_latents=reference_latents,
+                keyframe_hidden_states=keyframe_input,
+                keyframe_indices=keyframe_indices,
                 audio_transformer=self.audio_transformer,
                 audio_hidden_states=audio_input,
                 audio_reference_latents=audio_reference_latents,
                 audio_timestep=audio_timestep,
                 return_dict=False,
             )
-            return video, audio
+            predictions = {"video": video, "keyframe": keyframes}
+            return predictions if audio is None else {**predictions, "audio": audio}
         audio = self.audio_transformer(
             audio_input,
             timestep,
@@ -106,12 +138,13 @@ class SkyReelsV4TrainingModule(nn.Module):
             num_video_frames=num_video_frames,
             return_dict=False,
         )[0]
-        return None, audio
+        return {"audio": audio}
 
 
 @dataclass
 class TrainingResult:
-    """What a run did: per-step logs (`step`, `loss`, `loss_video`, `loss_audio`, `lr`) and where it wrote."""
+    """What a run did: per-step logs (`step`, `loss`, `lr`, and per trained output `loss_video`, `loss_audio`,
+    `loss_keyframe` (steps with keyframes) or `loss_refiner`) and where it wrote."""
 
     history: list[dict[str, float]] = field(default_factory=list)
     output_dir: Path | None = None
@@ -163,14 +196,21 @@ class SkyReelsV4Trainer:
         self.branches = BRANCHES[config.mode]
         self.trains_video = "transformer" in self.branches
         self.trains_audio = "audio_transformer" in self.branches
+        self.trains_refiner = "refiner" in self.branches
+        # High-resolution latents are read only by keyframe tokens and the refiner.
+        self.needs_high_res = self.trains_refiner or config.resolved_keyframe_rate > 0
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
             self.accelerator.mixed_precision, torch.float32
         )
         self.pipeline = self._load_pipeline()
+        self.paired = None
+        if config.paired:
+            refiner = self.pipeline.refiner.config
+            self.paired = PairedScales(refiner.spatial_scale, refiner.temporal_scale)
         self.timing = self.pipeline.clip_timing(config.fps, num_frames=config.num_frames)
         self.encoder = LatentEncoder(
             self.pipeline, config.height, config.width, config.num_frames, self.timing.num_audio_latents,
-            config.num_reference_frames,
+            config.num_reference_frames, self.paired,
         )
 
     # -- setup -----------------------------------------------------------------------------------------------------
@@ -190,6 +230,8 @@ class SkyReelsV4Trainer:
             raise ValueError(
                 f"--height and --width must be multiples of {multiple}, got {config.height}x{config.width}."
             )
+        if config.paired:
+            self._check_paired(pipeline)
         pipeline.set_progress_bar_config(disable=True)
         device = self.accelerator.device
         # Frozen parts: on the device, the text encoder and video VAE in the compute dtype (the audio VAE and vocoder
@@ -202,19 +244,42 @@ class SkyReelsV4Trainer:
                 module.requires_grad_(False).eval().to(device)
                 if name in ("text_encoder", "vae") and module.dtype != self.weight_dtype:
                     module.to(self.weight_dtype)
-        for name in ("transformer", "audio_transformer"):
+        for name in ("transformer", "audio_transformer", "refiner"):
             module = getattr(pipeline, name, None)
             if module is not None:
                 module.requires_grad_(False)
         return pipeline
 
+    def _check_paired(self, pipeline: SkyReelsV4BasePipeline) -> None:
+        """Raise if paired data, keyframe tokens or the refiner cannot work with this pipeline and size."""
+        config = self.config
+        refiner = getattr(pipeline, "refiner", None)
+        if refiner is None:
+            needs = "--mode refiner" if self.trains_refiner else "--paired_data"
+            raise ValueError(
+                f"{needs} needs the pipeline's `refiner` component: its spatial_scale and temporal_scale define the "
+                "high-resolution clips (and it is what --mode refiner trains). Add one, e.g. `pipe.register_modules("
+                "refiner=SkyReelsV4RefinerTransformer.from_video_branch(pipe.transformer))`, and save the pipeline."
+            )
+        scale = refiner.config.spatial_scale
+        multiple = pipeline.vae_scale_factor_spatial * refiner.config.patch_size[1]
+        if (config.height * scale) % multiple or (config.width * scale) % multiple:
+            raise ValueError(
+                f"--paired_data: the high-resolution clip ({config.width * scale}x{config.height * scale}, the "
+                f"refiner's spatial_scale {scale} x --width/--height) must have sides that are multiples of "
+                f"{multiple} (VAE factor x the refiner's patch size)."
+            )
+        if config.resolved_keyframe_rate > 0 and pipeline.transformer.config.patch_size[0] != 1:
+            raise ValueError("Keyframe tokens need a video branch with a temporal patch size of 1; set "
+                             "--keyframe_rate 0.")
+
     def _prepare_branch(self, name: str) -> nn.Module:
         """Make a branch trainable: all of it (full training) or LoRA adapters on it."""
         config = self.config
         model = getattr(self.pipeline, name)
-        excluded = CROSS_MODAL_LAYERS if config.mode != "joint" else ()
+        excluded = CROSS_MODAL_LAYERS if config.mode in ("video", "audio") else ()
         if config.use_lora:
-            branch = "audio" if name == "audio_transformer" else "video"
+            branch = LORA_BRANCH_NAMES[name]
             targets = config.lora_targets(branch)
             check_lora_targets(model, targets, branch, excluded)
             rank = config.audio_rank if branch == "audio" and config.audio_rank is not None else config.rank
@@ -252,7 +317,7 @@ class SkyReelsV4Trainer:
             lora = {
                 branch: {"rank": config.audio_rank if branch == "audio" and config.audio_rank else config.rank,
                          "alpha": config.lora_alpha, "targets": config.lora_targets(branch)}
-                for branch in (("video",) if self.trains_video else ()) + (("audio",) if self.trains_audio else ())
+                for branch in (LORA_BRANCH_NAMES[name] for name in self.branches)
             }
         return {"mode": config.mode, "model_configs": configs, "lora": lora}
 
@@ -293,14 +358,16 @@ class SkyReelsV4Trainer:
                 report.skipped.setdefault(reason, []).extend(tuple(entry) for entry in entries)
             report.usable = clips
             report.enforce(config.strict)
-            dataset = CachedLatentDataset(cache, clips, config.seed, self.trains_video, self.trains_audio)
+            dataset = CachedLatentDataset(cache, clips, config.seed, self.trains_video or self.trains_refiner,
+                                          self.trains_audio, high_res=self.needs_high_res)
             return dataset, cache.null_latents(), report
         records = read_metadata(config.dataset_dir, config.metadata_file, config.video_column, config.caption_column)
-        report = scan_clips(records, self.timing.duration_seconds, needs_audio=self.trains_audio)
+        size = (config.height, config.width, config.num_frames, config.fps)
+        report = scan_clips(records, needs_audio=self.trains_audio, **clip_requirements(*size, self.paired))
         report.enforce(config.strict)
         dataset = ClipDataset(
-            report.usable, config.seed, config.height, config.width, config.num_frames, config.fps,
-            self.encoder.audio_codec.sample_rate if self.trains_audio else None, self.timing.num_audio_samples,
+            report.usable, config.seed, *size, self.encoder.audio_codec.sample_rate if self.trains_audio else None,
+            self.timing.num_audio_samples, self.paired,
         )
         return dataset, self.encoder.null_latents(), report
 
@@ -309,8 +376,12 @@ class SkyReelsV4Trainer:
         if "prompt_embeds" in batch:
             return batch
         latents = {"video_latents": None, "reference_latents": None, "audio_latents": None}
-        if self.trains_video:
+        if self.trains_video or self.trains_refiner:
             latents["video_latents"], latents["reference_latents"] = self.encoder.encode_video(batch["video"])
+        if self.needs_high_res:
+            latents["high_res_latents"], latents["high_res_reference_latents"] = self.encoder.encode_high_res(
+                batch["video_high"]
+            )
         if self.trains_audio:
             latents["audio_latents"] = self.encoder.encode_audio(batch["audio"])
         latents["prompt_embeds"] = self.encoder.encode_prompts(batch["text"])
@@ -320,10 +391,12 @@ class SkyReelsV4Trainer:
     # -- one micro-batch -------------------------------------------------------------------------------------------
 
     def model_inputs(self, batch: dict, step: int) -> tuple[dict, dict]:
-        """Forward kwargs of the training module and the loss targets `{modality: (target, given)}`."""
+        """Forward kwargs of the training module and the loss targets `{name: (target, given)}` (names as the
+        module's predictions)."""
         config, device = self.config, self.accelerator.device
         latents = self._latents(batch)
         numbers = [int(n) for n in latents["sample_number"]]
+        per_sample = [(n,) for n in numbers]  # noise stream keys
         tasks = [self.task_sampler.sample(n) for n in numbers]
         references = self.task_sampler.step_references(step)
         choices = [
@@ -352,50 +425,129 @@ class SkyReelsV4Trainer:
             inputs["audio_timestep"] = sigma_to_timestep(audio_sigmas, num_train_timesteps).to(device)
         targets = {}
 
-        def noised(
-            modality: str, x0: torch.Tensor, given: torch.Tensor, null: torch.Tensor, sigmas: torch.Tensor
-        ) -> torch.Tensor:
-            x0 = x0.float().to(device)
-            noise = torch.stack([
-                torch.randn(x0.shape[1:], generator=derived_generator(config.seed, f"{modality}_noise", n))
-                for n in numbers
-            ]).to(device)
-            condition = condition_from_clip_latents(x0, given.to(device), null.to(device)[None])
-            targets[modality] = (velocity_target(x0, noise), condition.mask)
-            return condition.model_input(noisy_latents(x0, noise, sigmas))
+        def image_references(candidates: torch.Tensor) -> torch.Tensor:
+            """Each sample's chosen reference frame, `[B, C, 1, h, w]`."""
+            return torch.stack(
+                [candidates[i][:, choice : choice + 1] for i, (choice, _) in enumerate(choices)]
+            ).float().to(device)
 
         if self.trains_video:
-            given = torch.cat([t.video_given for t in tasks])
-            inputs["video_input"] = noised("video", latents["video_latents"], given, self.null["video"], sigmas)
+            x0 = latents["video_latents"].float().to(device)
+            given = torch.cat([t.video_given for t in tasks]).to(device)
+            condition = condition_from_clip_latents(x0, given, self.null["video"].to(device)[None])
+            noise = self._noise("video_noise", x0.shape[1:], per_sample)
+            inputs["video_input"], targets["video"] = self._flow_pair(x0, noise, sigmas, condition)
             if references.image:
-                candidates = latents["reference_latents"]
-                inputs["reference_latents"] = torch.stack(
-                    [candidates[i][:, choice : choice + 1] for i, (choice, _) in enumerate(choices)]
-                ).float().to(device)
+                inputs["reference_latents"] = image_references(latents["reference_latents"])
+            keyframes = self.task_sampler.step_keyframes(step)
+            if keyframes is not None:
+                inputs["keyframe_indices"] = keyframes
+                inputs["keyframe_input"], targets["keyframe"] = self._keyframe_pair(
+                    latents["high_res_latents"], keyframes, tasks, numbers, sigmas
+                )
         if self.trains_audio:
-            given = torch.cat([t.audio_given for t in tasks])
-            inputs["audio_input"] = noised("audio", latents["audio_latents"], given, self.null["audio"], audio_sigmas)
+            x0 = latents["audio_latents"].float().to(device)
+            given = torch.cat([t.audio_given for t in tasks]).to(device)
+            condition = condition_from_clip_latents(x0, given, self.null["audio"].to(device)[None])
+            noise = self._noise("audio_noise", x0.shape[1:], per_sample)
+            inputs["audio_input"], targets["audio"] = self._flow_pair(x0, noise, audio_sigmas, condition)
             if references.audio_latents:
                 length = references.audio_latents
                 inputs["audio_reference_latents"] = torch.stack(
                     [latents["audio_latents"][i][:, offset : offset + length] for i, (_, offset) in enumerate(choices)]
                 ).float().to(device)
+        if self.trains_refiner:
+            x0 = latents["high_res_latents"].float().to(device)
+            guide = self._refiner_guide(latents["video_latents"], x0, numbers)
+            noise = self._noise("video_noise", x0.shape[1:], per_sample)
+            inputs["refiner_input"], targets["refiner"] = self._flow_pair(x0, noise, sigmas, guide)
+            if references.image:
+                inputs["reference_latents"] = image_references(latents["high_res_reference_latents"])
         return inputs, targets
 
+    def _noise(self, purpose: str, shape: Sequence[int], keys: list[tuple[int, ...]]) -> torch.Tensor:
+        """`[len(keys), *shape]` Gaussian noise, row `i` from the stream `(purpose, *keys[i])` (drawn on the CPU)."""
+        return torch.stack(
+            [torch.randn(tuple(shape), generator=derived_generator(self.config.seed, purpose, *key)) for key in keys]
+        ).to(self.accelerator.device)
+
+    @staticmethod
+    def _flow_pair(
+        x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, condition: ChannelCondition
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The model input `[noisy ; I ; M]` of clean latents `x0` and its loss target `(velocity, given)`."""
+        return condition.model_input(noisy_latents(x0, noise, sigmas)), (velocity_target(x0, noise), condition.mask)
+
+    def _keyframe_pair(
+        self,
+        high_res_latents: torch.Tensor,
+        indices: list[int],
+        tasks: list[SampleTasks],
+        numbers: list[int],
+        sigmas: torch.Tensor,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Keyframe tokens of base latent frames `indices`, as `prepare_refinement` conditions them at inference.
+
+        The target of keyframe `j` is the high-resolution latent frame `j * temporal_scale`, noised at its sample's
+        sigma (one pass denoises both). The condition is the black high-resolution clip's latents there with mask 0,
+        except keyframe 0 of samples whose task the image-to-video pipeline runs (`FIRST_FRAME_TASKS`): that is
+        given, and the causal VAE's first latent frame is exactly the first frame encoded alone, as the pipeline does
+        with the image. Each keyframe's noise has its own stream per (sample, latent frame), so that it does not
+        depend on which other keyframes the step has.
+        """
+        device = self.accelerator.device
+        positions = [j * self.paired.temporal for j in indices]
+        x0 = high_res_latents[:, :, positions].float().to(device)
+        given = torch.zeros(x0.shape[0], 1, *x0.shape[2:], device=device)
+        if 0 in indices:
+            for i, task in enumerate(tasks):
+                if task.video_task in FIRST_FRAME_TASKS:
+                    given[i, :, indices.index(0)] = 1.0
+        condition = condition_from_clip_latents(x0, given, self.null["video_high"][None, :, positions].to(device))
+        channels, _, height, width = x0.shape[1:]
+        noise = self._noise("keyframe_noise", (channels, height, width), [(n, j) for n in numbers for j in indices])
+        noise = noise.unflatten(0, (len(numbers), len(indices))).transpose(1, 2)
+        return self._flow_pair(x0, noise, sigmas, condition)
+
+    def _refiner_guide(
+        self, low_res_latents: torch.Tensor, high_res_latents: torch.Tensor, numbers: list[int]
+    ) -> ChannelCondition:
+        """The refiner's guide and mask per sample, built by `refiner_condition` exactly as `run_refiner` builds them
+        from the base pass: the low-resolution latents (plus each sample's guide noise, if drawn) upsampled, and its
+        drawn ground-truth keyframes (high-resolution latent frames `j * temporal_scale`) put back with mask 1.
+
+        The guide noise (`--refiner_guide_noise_rate`, `--refiner_guide_noise_strength`) is conditioning augmentation
+        as in cascaded diffusion models: at inference the low-resolution latents come from the base model, not the
+        VAE, so the refiner learns not to copy their errors.
+        """
+        device, scales = self.accelerator.device, self.paired
+        guides = []
+        for i, n in enumerate(numbers):
+            draws = self.task_sampler.refiner_draws(n, self.config.refiner_guide_noise_strength)
+            low = low_res_latents[i : i + 1].float().to(device)
+            if draws.guide_noise:
+                low = low + draws.guide_noise * self._noise("guide_noise", low.shape[1:], [(n,)])
+            keyframes = None
+            if draws.keyframe_indices:
+                positions = [j * scales.temporal for j in draws.keyframe_indices]
+                keyframes = high_res_latents[i : i + 1, :, positions].float().to(device)
+            indices = draws.keyframe_indices if keyframes is not None else None
+            guides.append(refiner_condition(low, scales.spatial, scales.temporal, keyframes, indices))
+        return ChannelCondition(torch.cat([g.latents for g in guides]), torch.cat([g.mask for g in guides]))
+
     def losses(self, model: nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        """`loss` (the weighted sum that is optimised) and the per-modality means `loss_video`, `loss_audio`."""
+        """`loss` (the weighted sum that is optimised) and the per-output means `loss_<name>` (video, keyframe,
+        audio, refiner; each over the voxels to generate)."""
+        config = self.config
+        weights = {"video": config.video_loss_weight, "keyframe": config.keyframe_loss_weight,
+                   "audio": config.audio_loss_weight, "refiner": 1.0}
         inputs, targets = self.model_inputs(batch, step)
-        video_pred, audio_pred = model(**inputs)
+        predictions = model(**inputs)
         out = {}
         total = 0.0
-        for modality, prediction, weight in (
-            ("video", video_pred, self.config.video_loss_weight),
-            ("audio", audio_pred, self.config.audio_loss_weight),
-        ):
-            if modality in targets:
-                target, given = targets[modality]
-                out[f"loss_{modality}"] = masked_mse(prediction, target, given).mean()
-                total = total + weight * out[f"loss_{modality}"]
+        for name, (target, given) in targets.items():
+            out[f"loss_{name}"] = masked_mse(predictions[name], target, given).mean()
+            total = total + weights[name] * out[f"loss_{name}"]
         out["loss"] = total
         return out
 
@@ -411,7 +563,7 @@ class SkyReelsV4Trainer:
             config.task_rates(), config.mode, config.num_frames, config.height, config.width,
             self.pipeline.vae_scale_factor_temporal, self.pipeline.vae_scale_factor_spatial,
             self.timing.num_audio_latents, self.encoder.audio_codec.hop_length if self.encoder.audio_codec else 1,
-            config.seed,
+            config.seed, config.keyframe_stride,
         )
         self.timesteps = TimestepSampler(
             config.weighting_scheme, config.logit_mean, config.logit_std, config.mode_scale, config.timestep_shift
@@ -421,7 +573,9 @@ class SkyReelsV4Trainer:
                         config.mode)
 
         branches = {name: self._prepare_branch(name) for name in self.branches}
-        module = SkyReelsV4TrainingModule(branches.get("transformer"), branches.get("audio_transformer"))
+        module = SkyReelsV4TrainingModule(
+            branches.get("transformer"), branches.get("audio_transformer"), branches.get("refiner")
+        )
         self.trainable_parameters = [p for p in module.parameters() if p.requires_grad]
         self.trainable_names = {name for name, p in module.named_parameters() if p.requires_grad}
         optimizer = torch.optim.AdamW(
@@ -534,7 +688,8 @@ class SkyReelsV4Trainer:
 
     @torch.no_grad()
     def validate(self, model: nn.Module, step: int) -> list[Path]:
-        """Generate validation samples with the current weights; mp4 with sound (wav in audio mode)."""
+        """Generate validation samples with the current weights; mp4 with sound (wav in audio mode; in refiner mode,
+        the refined first clip of the training set, mp4 without sound)."""
         config, accelerator = self.config, self.accelerator
         paths = []
         if accelerator.is_main_process:
@@ -542,20 +697,24 @@ class SkyReelsV4Trainer:
             folder.mkdir(parents=True, exist_ok=True)
             module = accelerator.unwrap_model(model)
             module.eval()
+            generator = torch.Generator(accelerator.device).manual_seed(config.seed)
             with accelerator.autocast():
-                output = self.pipeline(
-                    config.validation_prompt, height=config.height, width=config.width, num_frames=config.num_frames,
-                    fps=config.fps, num_inference_steps=config.validation_inference_steps,
-                    guidance_scale=config.validation_guidance_scale,
-                    audio_guidance_scale=config.validation_guidance_scale,
-                    num_videos_per_prompt=config.num_validation_samples,
-                    generator=torch.Generator(accelerator.device).manual_seed(config.seed),
-                    generate_video=self.trains_video, generate_audio=self.trains_audio,
-                )
+                if self.trains_refiner:
+                    output = self._refine_training_clip(generator)
+                else:
+                    output = self.pipeline(
+                        config.validation_prompt, height=config.height, width=config.width,
+                        num_frames=config.num_frames, fps=config.fps,
+                        num_inference_steps=config.validation_inference_steps,
+                        guidance_scale=config.validation_guidance_scale,
+                        audio_guidance_scale=config.validation_guidance_scale,
+                        num_videos_per_prompt=config.num_validation_samples, generator=generator,
+                        generate_video=self.trains_video, generate_audio=self.trains_audio,
+                    )
             module.train()
             for i in range(config.num_validation_samples):
                 path = folder / f"step-{step:06d}-{i}"
-                if self.trains_video:
+                if self.trains_video or self.trains_refiner:
                     audio = output.audio[i] if output.audio is not None else None
                     paths.append(Path(export_to_video_with_audio(
                         output.frames[i], path.with_suffix(".mp4"), fps=round(output.fps), audio=audio,
@@ -568,6 +727,22 @@ class SkyReelsV4Trainer:
             free_memory()
         accelerator.wait_for_everyone()
         return paths
+
+    def _refine_training_clip(self, generator: torch.Generator) -> SkyReelsV4PipelineOutput:
+        """`SkyReelsV4RefinerPipeline` (with the refiner being trained) on the low-resolution latents of the first
+        training sample, without keyframes, as when a clip is refined on its own."""
+        config, pipeline = self.config, self.pipeline
+        refiner_pipeline = SkyReelsV4RefinerPipeline(
+            tokenizer=pipeline.tokenizer, text_encoder=pipeline.text_encoder, refiner=pipeline.refiner,
+            vae=pipeline.vae, scheduler=pipeline.scheduler, image_processor=pipeline.image_processor,
+        )
+        refiner_pipeline.set_progress_bar_config(disable=True)
+        low_res = self._latents(collate([self.dataset[0]]))["video_latents"]
+        return refiner_pipeline(
+            config.validation_prompt, latents=low_res.float().to(self.accelerator.device), fps=config.fps,
+            num_inference_steps=config.validation_inference_steps, guidance_scale=config.validation_guidance_scale,
+            num_videos_per_prompt=config.num_validation_samples, generator=generator,
+        )
 
     def save(self, model: nn.Module) -> Path:
         """Write the result: the pipeline (full training) or one LoRA file, a model card, and push if asked."""
@@ -621,11 +796,25 @@ class SkyReelsV4Trainer:
             f"{config.width}x{config.height}, {config.num_frames} frames at {config.fps:g} fps, flow matching with "
             f"{config.weighting_scheme} timesteps."
         )
+        if self.paired is not None:
+            height, width, frames, fps = self.paired.high_res(config.height, config.width, config.num_frames,
+                                                              config.fps)
+            summary += f" Paired high-resolution clips: {width}x{height}, {frames} frames at {fps:g} fps."
+        if config.resolved_keyframe_rate > 0:
+            summary += (
+                f" High-resolution keyframe tokens (every {config.keyframe_stride} latent frames and the last) on "
+                f"{config.resolved_keyframe_rate:.0%} of the steps, loss weight {config.keyframe_loss_weight:g}."
+            )
+        if self.trains_refiner:
+            summary += (
+                " The refiner runs after the base pass with `pipe(prompt, refine=True)`, or alone in "
+                "`SkyReelsV4RefinerPipeline`."
+            )
         if config.use_lora:
-            ranks = {"video": config.rank, "audio": config.audio_rank or config.rank}
-            trained = [b for b, on in (("video", self.trains_video), ("audio", self.trains_audio)) if on]
+            trained = [LORA_BRANCH_NAMES[name] for name in self.branches]
+            rank = {b: config.audio_rank if b == "audio" and config.audio_rank else config.rank for b in trained}
             summary += " LoRA " + ", ".join(
-                f"rank {ranks[b]} on {', '.join(config.lora_targets(b))} ({b})" for b in trained
+                f"rank {rank[b]} on {', '.join(config.lora_targets(b))} ({b})" for b in trained
             ) + "."
         save_model_card(
             self.output_dir,

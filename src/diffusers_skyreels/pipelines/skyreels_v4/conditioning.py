@@ -200,6 +200,14 @@ def condition_from_clip_latents(
     return ChannelCondition(latents, given.float())
 
 
+def auto_keyframe_indices(num_latent_frames: int, stride: int = 4) -> list[int]:
+    """`keyframe_indices="auto"`: every `stride`-th base latent frame and the last (training draws the same)."""
+    if stride < 1:
+        raise ValueError(f"`keyframe_stride` must be >= 1, got {stride}.")
+    last = num_latent_frames - 1
+    return sorted(set(range(0, last + 1, stride)) | {last})
+
+
 def refiner_num_latent_frames(num_latent_frames: int, temporal_scale: int) -> int:
     """Latent frames after frame interpolation: latent frame `j` of the base clip becomes `j * temporal_scale`."""
     return (num_latent_frames - 1) * temporal_scale + 1

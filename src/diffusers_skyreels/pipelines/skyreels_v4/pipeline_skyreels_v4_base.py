@@ -29,7 +29,13 @@ from ...loaders import SkyReelsV4LoraLoaderMixin
 from ...models import SkyReelsV4AudioTransformer, SkyReelsV4RefinerTransformer, SkyReelsV4Transformer
 from ...schedulers import step_jointly
 from ...utils.model_card import write_pipeline_card
-from .conditioning import ChannelCondition, audio_condition, refiner_condition, refiner_num_latent_frames
+from .conditioning import (
+    ChannelCondition,
+    audio_condition,
+    auto_keyframe_indices,
+    refiner_condition,
+    refiner_num_latent_frames,
+)
 from .latent_codecs import AudioCodec, VideoCodec
 from .pipeline_output import SkyReelsV4PipelineOutput
 from .prompt_encoder import SkyReelsV4PromptEncoder
@@ -424,7 +430,8 @@ class SkyReelsV4BasePipeline(DiffusionPipeline, SkyReelsV4LoraLoaderMixin):
         guidance_scale: float | None = None,
         keyframe_stride: int = 4,
     ) -> RefinementInputs:
-        """Keyframes (base latent frames; `"auto"` = every `keyframe_stride` and the last) and the refiner settings.
+        """Keyframes (base latent frames; `"auto"` = every `keyframe_stride` and the last; `[]` = none) and the
+        refiner settings.
 
         A keyframe of base latent frame `j` is the high-resolution latent frame `j * temporal_scale` of the refined
         clip, so that the refiner can put it back as is. `first_frame` (`[B, 3, H', W']` in `[-1, 1]` at the refined
@@ -436,12 +443,15 @@ class SkyReelsV4BasePipeline(DiffusionPipeline, SkyReelsV4LoraLoaderMixin):
             raise ValueError("Keyframes and `refine=True` need the `refiner` component (its scales define them).")
         last = timing.num_latent_frames - 1
         if keyframe_indices is None or keyframe_indices == "auto":
-            if keyframe_stride < 1:
-                raise ValueError(f"`keyframe_stride` must be >= 1, got {keyframe_stride}.")
-            keyframe_indices = sorted(set(range(0, last + 1, keyframe_stride)) | {last})
+            keyframe_indices = auto_keyframe_indices(timing.num_latent_frames, keyframe_stride)
         elif isinstance(keyframe_indices, str):
             raise ValueError(f"`keyframe_indices` must be a list of latent frames or 'auto', got {keyframe_indices!r}.")
         indices = [int(i) for i in keyframe_indices]
+        if not indices:  # refine from the low-resolution guide alone
+            return RefinementInputs(
+                refine=refine, reference_images=reference_images, num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+            )
         if len(set(indices)) != len(indices) or any(not 0 <= i <= last for i in indices):
             raise ValueError(f"`keyframe_indices` must be distinct latent frames in [0, {last}], got {indices}.")
         spatial, temporal = self.refiner.config.spatial_scale, self.refiner.config.temporal_scale
