@@ -301,10 +301,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--width", type=int, default=REFERENCE_WIDTH, help="frame width in pixels (default: 64)")
     parser.add_argument("--height", type=int, default=REFERENCE_WIDTH, help="frame height in pixels (default: 64)")
+    parser.add_argument("--fps", type=int, default=16, help="frames per second (default: 16)")
+    parser.add_argument("--num-frames", type=int, default=33, help="frames per clip (default: 33)")
     parser.add_argument("--sample-rate", type=int, default=16000, help="audio sample rate in Hz (default: 16000)")
     args = parser.parse_args(argv)
     path = write_dataset(
-        args.output_dir, args.num_clips, args.seed, width=args.width, height=args.height, sample_rate=args.sample_rate
+        args.output_dir, args.num_clips, args.seed, width=args.width, height=args.height, fps=args.fps,
+        num_frames=args.num_frames, sample_rate=args.sample_rate,
     )
     print(f"Wrote {args.num_clips} clips and {path}")
 
