@@ -235,6 +235,17 @@ def sample_clip_spec(rng: np.random.Generator) -> ClipSpec:
     )
 
 
+def all_prompts() -> list[str]:
+    """Every prompt the world can produce (each wording x colour x shape x speed)."""
+    return [
+        template.format(colour=colour, shape=shape, speed=speed)
+        for template in PROMPT_TEMPLATES
+        for colour in COLOURS
+        for shape in SHAPE_SIZES
+        for speed in SPEEDS
+    ]
+
+
 def parse_prompt(prompt: str) -> tuple[str, str, str]:
     """Reads `(shape, colour, speed)` back from a prompt; raises `ValueError` unless each is named exactly once."""
     words = re.findall(r"[a-z]+", prompt.lower())

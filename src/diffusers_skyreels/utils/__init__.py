@@ -6,6 +6,7 @@ from .tiny_qwen_vl import (
     build_tiny_qwen_tokenizer,
     build_tiny_qwen_vl,
     build_tiny_qwen_vl_model,
+    learn_merges,
 )
 
 __all__ = [
@@ -14,4 +15,5 @@ __all__ = [
     "build_tiny_qwen_tokenizer",
     "build_tiny_qwen_vl",
     "build_tiny_qwen_vl_model",
+    "learn_merges",
 ]

@@ -9,6 +9,8 @@ standard `save_pretrained` / `from_pretrained` of their `transformers` classes.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import torch
@@ -45,19 +47,38 @@ _HEAD_DIM = 8
 _MROPE_SECTION = [2, 1, 1]  # sums to _HEAD_DIM // 2 (temporal, height, width rotary frequencies)
 
 
-def build_tiny_qwen_tokenizer() -> Qwen2Tokenizer:
-    """A byte-level BPE `Qwen2Tokenizer` over the 256 byte symbols, a few merges and the Qwen special tokens.
+def learn_merges(corpus: Iterable[str], vocab_size: int) -> list[tuple[str, str]]:
+    """BPE merges learned in memory from `corpus` (byte-level, up to `vocab_size` symbols), deterministic.
+
+    A tokenizer with merges for its domain turns a prompt into a few tokens instead of one per character.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=ByteLevel.alphabet(), show_progress=False, special_tokens=[]
+    )
+    tokenizer.train_from_iterator(list(corpus), trainer)
+    merges = json.loads(tokenizer.to_str())["model"]["merges"]
+    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+
+
+def build_tiny_qwen_tokenizer(merges: Sequence[tuple[str, str]] | None = None) -> Qwen2Tokenizer:
+    """A byte-level BPE `Qwen2Tokenizer` over the 256 byte symbols, `merges` (default: a few) and the Qwen special
+    tokens.
 
     Like the real Qwen-VL tokenizers, `<|im_end|>` is the end-of-sequence token and `<|endoftext|>` pads.
     """
+    merges = list(_MERGES if merges is None else merges)
     vocab = {symbol: index for index, symbol in enumerate(sorted(ByteLevel.alphabet()))}
-    for left, right in _MERGES:
-        vocab[left + right] = len(vocab)
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
     for token in (PAD_TOKEN, *CHAT_TOKENS, *VISION_TOKENS):
         vocab[token] = len(vocab)
     return Qwen2Tokenizer(
         vocab=vocab,
-        merges=list(_MERGES),
+        merges=merges,
         unk_token=None,
         eos_token="<|im_end|>",
         pad_token=PAD_TOKEN,
@@ -141,9 +162,15 @@ def build_tiny_qwen_vl_model(
 
 
 def build_tiny_qwen_vl(
-    family: QwenVLFamily = "qwen2_5_vl", hidden_size: int = 32, seed: int = 0
+    family: QwenVLFamily = "qwen2_5_vl",
+    hidden_size: int = 32,
+    seed: int = 0,
+    merges: Sequence[tuple[str, str]] | None = None,
 ) -> tuple[PreTrainedModel, Qwen2Tokenizer, Qwen2VLImageProcessorPil]:
-    """`(text_encoder, tokenizer, image_processor)`: a matching tiny Qwen-VL triple for tests and the demo model."""
-    tokenizer = build_tiny_qwen_tokenizer()
+    """`(text_encoder, tokenizer, image_processor)`: a matching tiny Qwen-VL triple for tests and the demo model.
+
+    `merges` (e.g. from `learn_merges`) give the tokenizer a domain vocabulary; the default has only a few.
+    """
+    tokenizer = build_tiny_qwen_tokenizer(merges)
     model = build_tiny_qwen_vl_model(family, tokenizer, hidden_size=hidden_size, seed=seed)
     return model, tokenizer, build_tiny_qwen_image_processor()

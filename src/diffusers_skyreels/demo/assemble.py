@@ -1,0 +1,88 @@
+"""Assemble the demo's initial pipeline folder: trained VAEs, a frozen random tiny Qwen-VL, fresh `demo` branches.
+
+`python -m diffusers_skyreels.demo.assemble --vae-dir VAES --output-dir INIT` writes a `SkyReelsV4Pipeline` folder
+that the training script (`examples/train_skyreels_v4.py --pretrained_model_name_or_path INIT`) starts from. The
+text encoder is randomly initialised and frozen: it only has to map different prompts to different embeddings, which
+the branches learn to read. `--refiner-from` builds the refiner from a trained pipeline's video branch instead (the
+paper initialises the refiner from the video branch).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLWan, AutoencoderOobleck, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+
+from ..models import SkyReelsV4AudioTransformer, SkyReelsV4RefinerTransformer, SkyReelsV4Transformer
+from ..pipelines import SkyReelsV4Pipeline
+from ..utils import build_tiny_qwen_vl, learn_merges
+from .world import all_prompts
+
+TEXT_HIDDEN_SIZE = 64
+# The tokenizer learns merges from the world's prompts, so that a prompt is ~24 tokens instead of ~100 bytes.
+TOKENIZER_VOCAB_SIZE = 600
+SCHEDULER_SHIFT = 2.0
+
+
+def build_demo_pipeline(vae_dir: str | Path, seed: int = 0) -> SkyReelsV4Pipeline:
+    """A fresh demo pipeline around the trained VAEs in `vae_dir` (`vae/`, `audio_vae/`)."""
+    vae_dir = Path(vae_dir)
+    merges = learn_merges(all_prompts(), TOKENIZER_VOCAB_SIZE)
+    text_encoder, tokenizer, image_processor = build_tiny_qwen_vl(
+        "qwen2_5_vl", hidden_size=TEXT_HIDDEN_SIZE, seed=seed, merges=merges
+    )
+    vae = AutoencoderKLWan.from_pretrained(vae_dir / "vae")
+    audio_vae = AutoencoderOobleck.from_pretrained(vae_dir / "audio_vae")
+    torch.manual_seed(seed)
+    overrides = dict(text_embed_dim=TEXT_HIDDEN_SIZE)
+    video = SkyReelsV4Transformer.from_preset("demo", out_channels=vae.config.z_dim,
+                                              in_channels=2 * vae.config.z_dim + 1, **overrides)
+    audio_channels = audio_vae.config.decoder_input_channels
+    audio = SkyReelsV4AudioTransformer.from_preset("demo", out_channels=audio_channels,
+                                                   in_channels=2 * audio_channels + 1, **overrides)
+    refiner = SkyReelsV4RefinerTransformer.from_video_branch(video)
+    return SkyReelsV4Pipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder.eval(),
+        image_processor=image_processor,
+        transformer=video,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=SCHEDULER_SHIFT),
+        audio_transformer=audio,
+        audio_vae=audio_vae,
+        vocoder=None,
+        refiner=refiner,
+    )
+
+
+def refiner_from_video_branch(pipeline_dir: str | Path, output_dir: str | Path) -> None:
+    """Copy a trained pipeline and replace its refiner by one initialised from its trained video branch."""
+    import diffusers_skyreels  # noqa: F401  (registers the classes)
+
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dir)
+    pipe.refiner = SkyReelsV4RefinerTransformer.from_video_branch(pipe.transformer)
+    pipe.register_modules(refiner=pipe.refiner)
+    pipe.save_pretrained(output_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", required=True, type=Path, help="where to save the pipeline folder")
+    parser.add_argument("--vae-dir", type=Path, help="folder with the trained vae/ and audio_vae/")
+    parser.add_argument("--refiner-from", type=Path,
+                        help="instead: a trained pipeline whose video branch initialises a new refiner")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if (args.vae_dir is None) == (args.refiner_from is None):
+        parser.error("pass exactly one of --vae-dir and --refiner-from")
+    if args.refiner_from is not None:
+        refiner_from_video_branch(args.refiner_from, args.output_dir)
+    else:
+        build_demo_pipeline(args.vae_dir, args.seed).save_pretrained(args.output_dir)
+    print(args.output_dir)
+
+
+if __name__ == "__main__":
+    main()
