@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderOobleck, DiffusionPipeline
+from fixtures_pipeline import TINY_CALL, build_tiny_components
 
 import diffusers_skyreels as ds
 from diffusers_skyreels.utils.media_io import export_to_video_with_audio, load_video
-from fixtures_pipeline import TINY_CALL, build_tiny_components
 
 SIZE = {k: v for k, v in TINY_CALL.items() if k not in ("num_frames", "height", "width")}
 PROMPT = "A red ball bounces quickly between the walls. <sfx>a ping at every bounce</sfx>"

@@ -5,11 +5,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from fixtures_pipeline import TINY_CALL
 
 import diffusers_skyreels as ds
 from diffusers_skyreels.models.video_sparse_attention import SkyReelsV4SparseAttnProcessor
 from diffusers_skyreels.pipelines.skyreels_v4 import ChannelCondition, refiner_condition
-from fixtures_pipeline import TINY_CALL
 
 PROMPT = "A blue square bounces slowly between the walls. <sfx>a ping at every bounce</sfx>"
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from fixtures_pipeline import build_tiny_components
 from safetensors.torch import load_file
 
 import diffusers_skyreels as ds
@@ -39,7 +40,6 @@ from diffusers_skyreels.training import (
 from diffusers_skyreels.training.dataset import collate, resize_and_crop
 from diffusers_skyreels.training.randomness import GlobalBatchSampler
 from diffusers_skyreels.utils.media_io import export_to_video_with_audio
-from fixtures_pipeline import build_tiny_components
 
 REPO = Path(__file__).resolve().parents[1]
 # 9 frames of 32x32 at 16 fps -> 3 x 4 x 4 video latents; 16 kHz audio, 256-sample hop -> 35 audio latents.

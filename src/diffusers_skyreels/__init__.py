@@ -43,14 +43,22 @@ _REGISTERED_CLASSES = [
 ]
 
 __all__ = [
-    *_REGISTERED_CLASSES,
     "DiffusionPipeline",
     "ModelMixin",
     "SchedulerMixin",
+    "SkyReelsV4AudioTransformer",
+    "SkyReelsV4ImageToVideoPipeline",
+    "SkyReelsV4InpaintPipeline",
     "SkyReelsV4LoraLoaderMixin",
+    "SkyReelsV4Pipeline",
     "SkyReelsV4PipelineOutput",
     "SkyReelsV4PromptEncoder",
+    "SkyReelsV4RefinerPipeline",
+    "SkyReelsV4RefinerTransformer",
+    "SkyReelsV4Transformer",
     "SkyReelsV4TransformerOutput",
+    "SkyReelsV4VideoEditPipeline",
+    "SkyReelsV4VideoExtensionPipeline",
     "register_with_diffusers",
 ]
 

@@ -46,6 +46,7 @@ class SkyReelsV4TransformerBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.dual_stream = dual_stream
+        self.ff_chunk_size: int | None = None
         heads, head_dim = num_attention_heads, attention_head_dim
 
         self.norm1 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
@@ -128,13 +129,21 @@ class SkyReelsV4TransformerBlock(nn.Module):
             )
 
         # 4. MLP.
-        x = torch.addcmul(x, mlp_gate[:, None], self.ff(_modulate(self.norm2(x), mlp_shift[:, None], mlp_scale[:, None])))
+        mlp_out = self._feed_forward(self.ff, _modulate(self.norm2(x), mlp_shift[:, None], mlp_scale[:, None]))
+        x = torch.addcmul(x, mlp_gate[:, None], mlp_out)
         text = torch.addcmul(
             text,
             c_mlp_gate[:, None],
             ff_context(_modulate(self.norm2(text), c_mlp_shift[:, None], c_mlp_scale[:, None])),
         )
         return x, text
+
+    def _feed_forward(self, ff: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`ff` over the tokens, `ff_chunk_size` of them at a time when set: its hidden layer is several times wider
+        than the tokens, so chunking bounds that part of the peak memory (see `enable_forward_chunking`)."""
+        if self.ff_chunk_size is None or hidden_states.shape[1] <= self.ff_chunk_size:
+            return ff(hidden_states)
+        return torch.cat([ff(part) for part in hidden_states.split(self.ff_chunk_size, dim=1)], dim=1)
 
 
 # Caching hooks (FirstBlockCache, TaylorSeer, ...) find the block's streams through this registry.

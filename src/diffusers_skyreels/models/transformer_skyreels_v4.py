@@ -101,20 +101,26 @@ class SkyReelsV4Transformer(SkyReelsV4BranchModel):
         num_frames: int,
         grid_hw: tuple[int, int],
     ) -> tuple[torch.Tensor, float]:
-        """Validate keyframes; return their latent-frame positions and the spatial step onto the low-res grid."""
+        """Validate keyframes; return their latent-frame positions and the spatial step onto the low-res grid.
+
+        The indices are checked on the host and the positions filled on the device: the denoising loop passes the
+        same list every step, and neither a device sync nor a host-to-device copy should happen there.
+        """
         self._check_latents("keyframe_hidden_states", keyframe_hidden_states, self.config.in_channels, batch)
         if self._patch[0] != 1:
             raise ValueError("High-resolution keyframes need a temporal patch size of 1.")
         if keyframe_indices is None:
             raise ValueError("`keyframe_indices` (latent frame of each keyframe) is required with keyframes.")
-        indices = torch.as_tensor(keyframe_indices, dtype=torch.long).reshape(-1)
+        if isinstance(keyframe_indices, torch.Tensor):
+            keyframe_indices = keyframe_indices.reshape(-1).tolist()
+        indices = [int(i) for i in keyframe_indices]
         count = keyframe_hidden_states.shape[2]
-        if indices.numel() != count:
-            raise ValueError(f"Got {count} keyframe latents but {indices.numel()} `keyframe_indices`.")
-        if indices.numel() and (indices.min() < 0 or indices.max() >= num_frames):
-            raise ValueError(f"`keyframe_indices` must lie in [0, {num_frames - 1}], got {indices.tolist()}.")
-        if indices.unique().numel() != count:
-            raise ValueError(f"`keyframe_indices` must not repeat, got {indices.tolist()}.")
+        if len(indices) != count:
+            raise ValueError(f"Got {count} keyframe latents but {len(indices)} `keyframe_indices`.")
+        if any(not 0 <= i < num_frames for i in indices):
+            raise ValueError(f"`keyframe_indices` must lie in [0, {num_frames - 1}], got {indices}.")
+        if len(set(indices)) != count:
+            raise ValueError(f"`keyframe_indices` must not repeat, got {indices}.")
         high_h = keyframe_hidden_states.shape[3] // self._patch[1]
         high_w = keyframe_hidden_states.shape[4] // self._patch[2]
         low_h, low_w = grid_hw
@@ -123,7 +129,8 @@ class SkyReelsV4Transformer(SkyReelsV4BranchModel):
                 f"Keyframe latents {tuple(keyframe_hidden_states.shape[3:])} must be the main latent size "
                 f"{(low_h * self._patch[1], low_w * self._patch[2])} scaled up by one factor >= 1."
             )
-        return indices.to(keyframe_hidden_states.device, torch.float32), low_h / high_h
+        device = keyframe_hidden_states.device
+        return torch.cat([torch.full((1,), float(i), device=device) for i in indices]), low_h / high_h
 
     @apply_lora_scale("attention_kwargs")
     def forward(

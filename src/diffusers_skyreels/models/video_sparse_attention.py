@@ -209,7 +209,13 @@ def _attend_torch(
     q_cubes = to_blocks(query, blocks.order[: num_cubes * slots]).flatten(0, 2)  # [B * H * C, P, D]
     k_blocks, v_blocks = (to_blocks(t, blocks.order).flatten(0, 2) for t in (key, value))
     slot_valid = _key_blocks(blocks, key_mask, batch)
-    needs_mask = not bool(slot_valid.all())
+    # Known from the shapes, without reading `slot_valid` (a device sync in every call): partial edge cubes, a
+    # partly filled last block of extra tokens, or a key mask.
+    needs_mask = (
+        key_mask is not None
+        or any(g % c for g, c in zip(layout.grid_size, layout.cube_size))
+        or (seq_len - layout.num_grid_tokens) % slots != 0
+    )
     slot_valid = slot_valid.reshape(batch * num_blocks, slots)
 
     # Key blocks of each query cube: its selected cubes, then every extra block.

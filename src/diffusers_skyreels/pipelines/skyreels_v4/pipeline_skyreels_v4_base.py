@@ -586,6 +586,8 @@ class SkyReelsV4BasePipeline(DiffusionPipeline, SkyReelsV4LoraLoaderMixin):
             return uncond + scale * (cond - uncond) if enabled else cond
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(0)  # else its first `step` looks the timestep up: a device sync
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
         with self.progress_bar(total=len(timesteps)) as progress_bar:
