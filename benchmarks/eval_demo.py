@@ -96,9 +96,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
-    import diffusers_skyreels  # noqa: F401
     from diffusers import DiffusionPipeline
 
+    import diffusers_skyreels  # noqa: F401
     from diffusers_skyreels.cli import GENERATION_CONFIG, default_model_path
     from diffusers_skyreels.demo.world import sample_clip_spec
 
