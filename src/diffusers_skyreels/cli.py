@@ -8,6 +8,7 @@ id of any saved SkyReels V4 pipeline.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -94,10 +95,12 @@ def _parser() -> argparse.ArgumentParser:
 
     refine = add("refine", "upscale 2x and double the frame rate of a clip")
     refine.add_argument("video", help="the clip (mp4)")
-    refine.add_argument("prompt", nargs="?", default="", help="what the clip shows (optional)")
+    refine.add_argument("prompt", nargs="?", default="A video.", help="what the clip shows (default: 'A video.')")
 
-    plan = commands.add_parser("plan", help="token / FLOP / memory arithmetic of a request (no model needed)")
-    plan.add_argument("planner_args", nargs=argparse.REMAINDER, help="see `skyreels-v4 plan --help`")
+    commands.add_parser(
+        "plan", help="token / FLOP / memory arithmetic of a request (no model needed)", add_help=False,
+        description="All options go to `python -m diffusers_skyreels.planner` (see its --help).",
+    )
     return parser
 
 
@@ -150,16 +153,26 @@ def _load_pipeline(model: str | None, device: str, dtype_name: str):
     return pipe, defaults
 
 
-def _pick(args: argparse.Namespace, defaults: dict[str, Any], **names: str) -> dict[str, Any]:
-    """Pipeline kwargs from the command line, falling back to the model's recommended settings."""
-    kwargs = {}
-    for kwarg, attribute in names.items():
-        value = getattr(args, attribute, None)
-        if value is None:
-            value = defaults.get(kwarg)
-        if value is not None:
-            kwargs[kwarg] = value
-    return kwargs
+def _task(pipeline_class, pipe):
+    """The same components as another task's pipeline (like `from_pipe`, without re-casting every model)."""
+    accepted = inspect.signature(pipeline_class.__init__).parameters
+    task = pipeline_class(**{name: module for name, module in pipe.components.items() if name in accepted})
+    task.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    return task
+
+
+# Recommended settings that describe the generated clip's size: a user's clip keeps its own.
+SIZE_SETTINGS = ("height", "width", "num_frames", "duration_seconds")
+
+
+def _call(pipeline, defaults: dict[str, Any], *args: Any, own_clip: bool = False, **overrides: Any):
+    """Call `pipeline` with the model's recommended settings, overridden by what the command line set (not None)."""
+    accepted = inspect.signature(pipeline.__call__).parameters
+    kwargs = {k: v for k, v in defaults.items() if k in accepted and not (own_clip and k in SIZE_SETTINGS)}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "duration_seconds" in given:
+        kwargs.pop("num_frames", None)
+    return pipeline(*args, **{**kwargs, **given})
 
 
 def _write(output: Path, result, write_wav: bool) -> list[Path]:
@@ -202,12 +215,16 @@ def run(args: argparse.Namespace) -> list[Path]:
     output = _check_output(args.output)
     _check_inputs(args)
     pipe, defaults = _load_pipeline(args.model, args.device, args.dtype)
-    generator = torch.Generator().manual_seed(args.seed)
-    common = dict(generator=generator, output_type="np")
-    common.update(_pick(args, defaults, num_inference_steps="steps", guidance_scale="guidance_scale", fps="fps"))
-    if args.negative_prompt is not None:
-        common["negative_prompt"] = args.negative_prompt
     sample_rate = pipe.audio_sample_rate
+    common = dict(
+        generator=torch.Generator().manual_seed(args.seed),
+        output_type="np",
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        negative_prompt=args.negative_prompt,
+        fps=args.fps,
+    )
+    audio_guidance = dict(audio_guidance_scale=getattr(args, "audio_guidance_scale", None))
 
     def clip(path: str):
         video = load_video(path, audio_sample_rate=sample_rate)
@@ -216,45 +233,45 @@ def run(args: argparse.Namespace) -> list[Path]:
         return list(video.frames.astype(np.float32) / 255.0), video.audio
 
     if args.command in ("generate", "i2v"):
-        kwargs = _pick(
-            args, defaults, audio_guidance_scale="audio_guidance_scale", height="height", width="width",
-            num_frames="num_frames", duration_seconds="duration", refine="refine",
+        generation = dict(
+            height=args.height, width=args.width, num_frames=args.num_frames, duration_seconds=args.duration,
+            refine=args.refine, generate_audio=False if args.no_audio else None, **audio_guidance, **common,
         )
-        if "duration_seconds" in kwargs and args.num_frames is None:
-            kwargs.pop("num_frames", None)
-        kwargs["generate_audio"] = not args.no_audio
         if args.command == "generate":
-            result = pipe(args.prompt, **kwargs, **common)
+            result = _call(pipe, defaults, args.prompt, **generation)
         else:
-            i2v = SkyReelsV4ImageToVideoPipeline.from_pipe(pipe)
             last = Image.open(args.last_image).convert("RGB") if args.last_image else None
-            result = i2v(
-                Image.open(args.image).convert("RGB"), args.prompt, last_image=last, resize_mode=args.resize,
-                condition_noise=args.condition_noise, **kwargs, **common,
+            result = _call(
+                _task(SkyReelsV4ImageToVideoPipeline, pipe), defaults, Image.open(args.image).convert("RGB"),
+                args.prompt, last_image=last, resize_mode=args.resize, condition_noise=args.condition_noise,
+                **generation,
             )
     elif args.command == "extend":
         frames, audio = clip(args.video)
-        extend = SkyReelsV4VideoExtensionPipeline.from_pipe(pipe)
-        kwargs = _pick(args, defaults, audio_guidance_scale="audio_guidance_scale")
-        result = extend(frames, args.prompt, audio=audio, extension_seconds=args.seconds, **kwargs, **common)
+        result = _call(
+            _task(SkyReelsV4VideoExtensionPipeline, pipe), defaults, frames, args.prompt, audio=audio,
+            extension_seconds=args.seconds, own_clip=True, **audio_guidance, **common,
+        )
     elif args.command in ("inpaint", "edit"):
         frames, audio = clip(args.video)
-        kwargs = _pick(args, defaults, audio_guidance_scale="audio_guidance_scale")
         keep = dict(audio=audio, keep_audio=True) if args.keep_audio else {}
         if args.command == "inpaint":
             mask = Image.open(args.mask).convert("L")
             reference = Image.open(args.reference_image).convert("RGB") if args.reference_image else None
-            result = SkyReelsV4InpaintPipeline.from_pipe(pipe)(
-                frames, mask, args.prompt, reference_image=reference, **keep, **kwargs, **common
+            result = _call(
+                _task(SkyReelsV4InpaintPipeline, pipe), defaults, frames, mask, args.prompt,
+                reference_image=reference, own_clip=True, **keep, **audio_guidance, **common,
             )
         else:
-            result = SkyReelsV4VideoEditPipeline.from_pipe(pipe)(frames, args.prompt, **keep, **kwargs, **common)
+            result = _call(
+                _task(SkyReelsV4VideoEditPipeline, pipe), defaults, frames, args.prompt, own_clip=True, **keep,
+                **audio_guidance, **common,
+            )
     elif args.command == "refine":
         frames, audio = clip(args.video)
-        refiner = SkyReelsV4RefinerPipeline.from_pipe(pipe)
-        result = refiner(
-            args.prompt, video=frames, audio=audio, audio_sample_rate=sample_rate if audio is not None else None,
-            **common,
+        result = _call(
+            _task(SkyReelsV4RefinerPipeline, pipe), defaults, args.prompt, video=frames, audio=audio,
+            audio_sample_rate=sample_rate if audio is not None else None, own_clip=True, **common,
         )
     else:  # pragma: no cover - argparse restricts the commands
         raise ValueError(f"Unknown command {args.command!r}.")
@@ -262,12 +279,15 @@ def run(args: argparse.Namespace) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
     if args.command == "plan":
         from .planner import main as plan_main
 
-        plan_main(args.planner_args)
+        plan_main(extra)
         return 0
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         written = run(args)
     except ValueError as error:
