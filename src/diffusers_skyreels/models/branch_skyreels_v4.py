@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 from diffusers.configuration_utils import ConfigMixin
+from diffusers.hooks.context_parallel import EquipartitionSharder, PartitionAnythingSharder
 from diffusers.loaders import PeftAdapterMixin
-from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+from diffusers.models._modeling_parallel import ContextParallelConfig, ContextParallelInput, ContextParallelOutput
 from diffusers.models.attention import AttentionMixin
 from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.embeddings import PixArtAlphaTextProjection, TimestepEmbedding, Timesteps
@@ -88,6 +89,8 @@ class SkyReelsV4BranchModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapter
     _skip_layerwise_casting_patterns = ["patch_embed", "time_embedder", "text_proj", "norm"]
     # Context parallelism shards every token stream right where it is made (so that, in joint generation, each branch
     # hands the other its shard), runs every attention through the parallel config, and gathers before the head.
+    # `_make_tokens` checks the token counts, pads the prompt to a multiple of the degree and shards the text mask to
+    # match (see `_prepare_context_parallel`).
     _cp_plan = {
         "patch_embed": {0: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)},
         "text_proj": {0: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)},
@@ -185,6 +188,22 @@ class SkyReelsV4BranchModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapter
         num_cubes = math.prod(math.ceil(g / c) for g, c in zip(grid, cube))
         return SparseLayout(grid_offset, grid, min(self.config.sparse_attention_top_k, num_cubes), cube)
 
+    def enable_forward_chunking(self, chunk_size: int = 4096) -> None:
+        """Run the MLP of every block over `chunk_size` tokens at a time.
+
+        Same output; lower peak memory at inference, where the MLP's hidden layer (`ffn_dim` wide, with its
+        activation) is the largest tensor of a block. Leave it off with leaf-level group offloading, which would move
+        the MLP weights once per chunk.
+        """
+        if chunk_size < 1:
+            raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size}.")
+        for block in self.blocks:
+            block.ff_chunk_size = chunk_size
+
+    def disable_forward_chunking(self) -> None:
+        for block in self.blocks:
+            block.ff_chunk_size = None
+
     # Which entry of `presets.preset_config` a subclass is built from.
     _preset_branch: str = ""
 
@@ -230,6 +249,52 @@ class SkyReelsV4BranchModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapter
                 f"`{name}` size {tuple(latents.shape[2:])} is not divisible by the patch size {patch}."
             )
 
+    def _context_parallel_config(self) -> ContextParallelConfig | None:
+        return None if self._parallel_config is None else self._parallel_config.context_parallel_config
+
+    def _prepare_context_parallel(
+        self,
+        cp: ContextParallelConfig,
+        num_tokens: int,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Check what context parallelism needs; pad the prompt to a multiple of the degree (padding masked out).
+
+        Equal shards (the default) need the x tokens (references, latents, keyframes) to divide by the degree; the
+        prompt is padded instead, since its length varies. A text mask then reaches the attentions: Ulysses
+        all-gathers each rank's shard of it, ring attention has no way to apply one, hence the error.
+        """
+        degree = cp._flattened_mesh.size()
+        if self._sparse_attention:
+            raise ValueError(
+                "Video Sparse Attention does not support context parallelism; call `set_sparse_attention(False)` to "
+                "run dense attention across ranks."
+            )
+        if cp.ulysses_anything or cp.ring_anything:
+            return encoder_hidden_states, encoder_attention_mask
+        if num_tokens % degree:
+            raise ValueError(
+                f"Context parallelism over {degree} ranks splits the {num_tokens} tokens of {type(self).__name__} "
+                f"(in-context references, latents and keyframes) into equal shards, so their number must be a "
+                f"multiple of {degree}. Change the size, duration or number of references / keyframes, or use "
+                "`ContextParallelConfig(ulysses_anything=True)`."
+            )
+        extra = -encoder_hidden_states.shape[1] % degree
+        if extra:
+            batch, length = encoder_hidden_states.shape[:2]
+            if encoder_attention_mask is None:
+                encoder_attention_mask = encoder_hidden_states.new_ones(batch, length, dtype=torch.bool)
+            encoder_hidden_states = torch.nn.functional.pad(encoder_hidden_states, (0, 0, 0, extra))
+            encoder_attention_mask = torch.nn.functional.pad(encoder_attention_mask.to(torch.bool), (0, extra))
+        if encoder_attention_mask is not None and cp.ring_degree > 1:
+            raise ValueError(
+                "Ring attention cannot apply a text padding mask (each rank's mask would meet other ranks' keys); "
+                f"pass prompts without padding whose length is a multiple of {degree}, or use Ulysses "
+                "(`ContextParallelConfig(ulysses_degree=...)`)."
+            )
+        return encoder_hidden_states, encoder_attention_mask
+
     def _make_tokens(
         self,
         latent_tokens: torch.Tensor,
@@ -238,8 +303,17 @@ class SkyReelsV4BranchModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapter
         encoder_hidden_states: torch.Tensor,
         encoder_attention_mask: torch.Tensor | None,
     ) -> BranchTokens:
-        """Embed patch tokens `[B, S, in_channels * prod(patch)]`, the timestep and the prompt."""
+        """Embed patch tokens `[B, S, in_channels * prod(patch)]`, the timestep and the prompt.
+
+        Under context parallelism the `_cp_plan` hooks shard the outputs of `patch_embed`, `text_proj` and the RoPE
+        modules; the text mask is sharded here the same way, so that it describes this rank's text tokens.
+        """
         batch, dtype, device = latent_tokens.shape[0], latent_tokens.dtype, latent_tokens.device
+        cp = self._context_parallel_config()
+        if cp is not None:
+            encoder_hidden_states, encoder_attention_mask = self._prepare_context_parallel(
+                cp, latent_tokens.shape[1], encoder_hidden_states, encoder_attention_mask
+            )
         hidden_states = self.patch_embed(latent_tokens)
 
         timestep = torch.as_tensor(timestep, device=device).reshape(-1).expand(batch)
@@ -251,6 +325,8 @@ class SkyReelsV4BranchModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapter
         attention_mask = text_attention_mask = None
         if encoder_attention_mask is not None:
             keep = encoder_attention_mask.to(device=device, dtype=torch.bool)
+            if cp is not None:
+                keep = _shard_like_cp_plan(keep, cp)
             text_attention_mask = keep[:, None, None, :]
             attention_mask = torch.cat([keep.new_ones(batch, hidden_states.shape[1]), keep], dim=1)[:, None, None, :]
 
@@ -298,6 +374,13 @@ class SkyReelsV4BranchModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapter
         shift, scale = (self.scale_shift_table + tokens.temb[:, None]).unbind(1)
         hidden_states = torch.addcmul(shift[:, None], self.norm_out(tokens.hidden_states), 1 + scale[:, None])
         return self.proj_out(hidden_states)
+
+
+def _shard_like_cp_plan(tensor: torch.Tensor, cp: ContextParallelConfig) -> torch.Tensor:
+    """This rank's shard of `tensor` along dim 1, cut as the `_cp_plan` hooks cut the token streams."""
+    if cp.ulysses_anything or cp.ring_anything:
+        return PartitionAnythingSharder.shard_anything(tensor, 1, cp._flattened_mesh)
+    return EquipartitionSharder.shard(tensor, 1, cp._flattened_mesh)
 
 
 def check_joint_pair(video: SkyReelsV4BranchModel, audio: SkyReelsV4BranchModel) -> None:
