@@ -7,12 +7,12 @@ import sys
 import av
 import numpy as np
 import pytest
+from fixtures_pipeline import build_tiny_components
 from PIL import Image
 
 import diffusers_skyreels as ds
 from diffusers_skyreels.cli import main
 from diffusers_skyreels.utils.media_io import export_to_video_with_audio, load_video
-from fixtures_pipeline import build_tiny_components
 
 PROMPT = "A red ball bounces quickly. <sfx>a ping at every bounce</sfx>"
 

@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from diffusers import ContextParallelConfig
-from torch.distributed.device_mesh import init_device_mesh
 from diffusers.models import attention_dispatch
+from torch.distributed.device_mesh import init_device_mesh
 
 from diffusers_skyreels import SkyReelsV4AudioTransformer, SkyReelsV4RefinerTransformer, SkyReelsV4Transformer
 
