@@ -37,7 +37,7 @@ from diffusers_skyreels.training import (
     train,
     velocity_target,
 )
-from diffusers_skyreels.training.dataset import collate, resize_and_crop
+from diffusers_skyreels.training.dataset import clip_requirements, collate, resize_and_crop
 from diffusers_skyreels.training.randomness import GlobalBatchSampler
 from diffusers_skyreels.utils.media_io import export_to_video_with_audio
 
@@ -190,8 +190,11 @@ def test_decode_clip_size_rate_and_audio_length(workspace):
     assert media.video.shape == (3, 4, 16, 24) and media.audio.shape == (8000,)
     torch.testing.assert_close(media.video, full.video[:, :8:2])
     torch.testing.assert_close(media.audio, full.audio[:8000])
-    with pytest.raises(ValueError, match="9 frames at 16 fps; training needs 10"):
-        decode_clip(path, 16, 24, 5, 8.0, 16000, 10000)  # 0.625 s of a 0.5625 s clip
+    # 5 frames at 8 fps are the file's frames 0, 2, ..., 8: the last training frame is the file's last frame.
+    every_other = decode_clip(path, 16, 24, 5, 8.0, 16000, 8000)
+    torch.testing.assert_close(every_other.video, full.video[:, ::2])
+    with pytest.raises(ValueError, match="9 frames at 16 fps; training needs 11"):
+        decode_clip(path, 16, 24, 6, 8.0, 16000, 10000)  # a frame at 0.625 s of a clip whose last is at 0.5 s
     assert -1 <= media.video.min() and media.video.max() <= 1
     # Scale to cover, then centre-crop: a 4x8 image keeps its middle columns.
     frames = np.zeros((1, 4, 8, 3), dtype=np.uint8)
@@ -212,12 +215,13 @@ def test_bad_inputs_are_skipped_counted_or_refused(workspace, tmp_path):
             metadata.write(json.dumps({"file_name": f"clips/{name}.mp4", "text": name}) + "\n")
 
     records = read_metadata(data)
-    report = scan_clips(records, 9 / 16, needs_audio=True)
+    assert clip_requirements(32, 32, 9, 16.0) == {"min_duration": 0.5}  # time of the last training frame
+    report = scan_clips(records, 0.5, needs_audio=True)  # 9 frames at 16 fps: the last one is at 0.5 s
     assert len(report.usable) == 4
     assert {reason: [n for n, _ in entries] for reason, entries in report.skipped.items()} == {
         "undecodable": ["clips/broken.mp4"], "no audio": ["clips/silent.mp4"], "too short": ["clips/short.mp4"],
     }
-    assert len(scan_clips(records, 9 / 16, needs_audio=False).usable) == 5  # video training takes the silent clip
+    assert len(scan_clips(records, 0.5, needs_audio=False).usable) == 5  # video training takes the silent clip
     with pytest.raises(ValueError, match="broken.mp4.*|silent.mp4"):
         report.enforce(strict=True)
     with pytest.raises(ValueError, match="broken.mp4"):

@@ -132,11 +132,14 @@ def clip_requirements(
     height: int, width: int, num_frames: int, fps: float, paired: PairedScales | None = None
 ) -> dict[str, Any]:
     """What `probe_clip` checks a source clip against (keyword arguments): its duration, and with paired data the
-    frame rate and size of the high-resolution clip, which it must reach without repeating or upscaling frames."""
+    frame rate and size of the high-resolution clip, which it must reach without repeating or upscaling frames.
+
+    The duration is the time of the last training frame, `(num_frames - 1) / fps`: a clip of 65 frames at 32 fps
+    holds the 33 frames of 2 s at 16 fps."""
     if paired is None:
-        return {"min_duration": num_frames / fps}
+        return {"min_duration": (num_frames - 1) / fps}
     high_height, high_width, high_frames, high_fps = paired.high_res(height, width, num_frames, fps)
-    return {"min_duration": high_frames / high_fps, "min_fps": high_fps, "min_size": (high_height, high_width)}
+    return {"min_duration": (high_frames - 1) / high_fps, "min_fps": high_fps, "min_size": (high_height, high_width)}
 
 
 @dataclass
@@ -202,7 +205,8 @@ def probe_clip(
             size = (stream.codec_context.height, stream.codec_context.width)
     except (av.FFmpegError, StopIteration, OSError) as error:
         return "undecodable", f"{type(error).__name__}: {error}"
-    if duration is not None and rate and duration + 0.5 / float(rate) < min_duration:
+    # The last frame starts one frame period before the end; half a period of slack for rounded durations.
+    if duration is not None and rate and duration - 0.5 / float(rate) < min_duration:
         return "too short", f"{duration:.3f} s < {min_duration:.3f} s"
     if min_fps is not None and (not rate or float(rate) < min_fps - 1e-3):
         return "frame rate too low", f"{float(rate or 0):g} fps < {min_fps:g} fps"
@@ -273,7 +277,7 @@ def decode_clip(
             source_fps = float(stream.average_rate or stream.guessed_rate)
     except (av.FFmpegError, IndexError, TypeError) as error:
         raise ValueError(f"Cannot read the frame rate of {path}: {error}") from error
-    needed = math.ceil(num_frames * source_fps / fps - 1e-6)
+    needed = round((num_frames - 1) * source_fps / fps) + 1
     clip = load_video(path, audio_sample_rate=audio_sample_rate or None, max_frames=needed)
     if len(clip.frames) < needed:
         raise ValueError(
