@@ -51,7 +51,8 @@ def build_demo_pipeline(vae_dir: str | Path, seed: int = 0) -> SkyReelsV4Pipelin
     audio_channels = audio_vae.config.decoder_input_channels
     audio = SkyReelsV4AudioTransformer.from_preset("demo", out_channels=audio_channels,
                                                    in_channels=2 * audio_channels + 1, **overrides)
-    refiner = SkyReelsV4RefinerTransformer.from_video_branch(video)
+    # Dense attention: the demo refiner sees ~1100 tokens (20 cubes), where Video Sparse Attention only adds overhead.
+    refiner = SkyReelsV4RefinerTransformer.from_video_branch(video, sparse_attention=False)
     return SkyReelsV4Pipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder.eval(),
@@ -71,9 +72,39 @@ def refiner_from_video_branch(pipeline_dir: str | Path, output_dir: str | Path) 
     import diffusers_skyreels  # noqa: F401  (registers the classes)
 
     pipe = DiffusionPipeline.from_pretrained(pipeline_dir)
-    pipe.refiner = SkyReelsV4RefinerTransformer.from_video_branch(pipe.transformer)
+    pipe.refiner = SkyReelsV4RefinerTransformer.from_video_branch(pipe.transformer, sparse_attention=False)
     pipe.register_modules(refiner=pipe.refiner)
     pipe.save_pretrained(output_dir)
+
+
+# What the shipped model was trained for; the `skyreels-v4` command reads it as its defaults. The base model was
+# trained without keyframe tokens (paired high-resolution data for all clips was too slow to encode on a CPU), so the
+# refiner works from the low-resolution guide alone.
+GENERATION_CONFIG = dict(
+    height=64,
+    width=64,
+    num_frames=33,
+    fps=16,
+    num_inference_steps=20,
+    guidance_scale=3.0,
+    audio_guidance_scale=3.0,
+    refine=True,
+    keyframe_indices=[],
+    refiner_num_inference_steps=8,
+    refiner_guidance_scale=1.0,
+)
+
+
+def finalize(pipeline_dir: str | Path, refiner_dir: str | Path, output_dir: str | Path) -> None:
+    """The shipped folder: the trained pipeline with the refiner trained separately, and `generation_config.json`."""
+    import json
+
+    import diffusers_skyreels  # noqa: F401  (registers the classes)
+
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dir)
+    pipe.register_modules(refiner=SkyReelsV4RefinerTransformer.from_pretrained(Path(refiner_dir) / "refiner"))
+    pipe.save_pretrained(output_dir)
+    (Path(output_dir) / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,11 +113,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-dir", type=Path, help="folder with the trained vae/ and audio_vae/")
     parser.add_argument("--refiner-from", type=Path,
                         help="instead: a trained pipeline whose video branch initialises a new refiner")
+    parser.add_argument("--finalize", type=Path,
+                        help="instead: a trained pipeline to ship, with the refiner of --refiner")
+    parser.add_argument("--refiner", type=Path, help="with --finalize: a pipeline folder whose refiner was trained")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if (args.vae_dir is None) == (args.refiner_from is None):
-        parser.error("pass exactly one of --vae-dir and --refiner-from")
-    if args.refiner_from is not None:
+    if sum(value is not None for value in (args.vae_dir, args.refiner_from, args.finalize)) != 1:
+        parser.error("pass exactly one of --vae-dir, --refiner-from and --finalize")
+    if (args.finalize is None) != (args.refiner is None):
+        parser.error("--finalize and --refiner go together")
+    if args.finalize is not None:
+        finalize(args.finalize, args.refiner, args.output_dir)
+    elif args.refiner_from is not None:
         refiner_from_video_branch(args.refiner_from, args.output_dir)
     else:
         build_demo_pipeline(args.vae_dir, args.seed).save_pretrained(args.output_dir)
