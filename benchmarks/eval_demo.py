@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-clips", type=int, default=48)
     parser.add_argument("--seed", type=int, default=100_000, help="held-out spec seed (training used small seeds)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's recommendation)")
+    parser.add_argument("--guidance-scale", type=float, help="video CFG (default: the model's recommendation)")
+    parser.add_argument("--audio-guidance-scale", type=float, help="audio CFG (default: the model's recommendation)")
     parser.add_argument("--no-refine", action="store_true", help="evaluate the base 64x64 16 fps output")
     parser.add_argument("--ablation", action="store_true", help="also run with the a<->v cross-attention off")
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
@@ -108,8 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
     defaults = json.loads((path / GENERATION_CONFIG).read_text()) if (path / GENERATION_CONFIG).is_file() else {}
     call_kwargs = {k: v for k, v in defaults.items() if k != "refine"}
     call_kwargs["refine"] = bool(defaults.get("refine", False)) and not args.no_refine and pipe.refiner is not None
-    if args.steps:
-        call_kwargs["num_inference_steps"] = args.steps
+    for name in ("steps", "guidance_scale", "audio_guidance_scale"):
+        if getattr(args, name) is not None:
+            call_kwargs["num_inference_steps" if name == "steps" else name] = getattr(args, name)
     rng = np.random.default_rng(args.seed)
     specs = [sample_clip_spec(rng) for _ in range(args.num_clips)]
 

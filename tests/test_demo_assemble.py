@@ -25,6 +25,8 @@ def test_finalize_takes_the_refiner_of_the_refiner_run(tmp_path):
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     assert not torch.equal(pipe.refiner.proj_out.weight, pipe.transformer.proj_out.weight)
     assert json.loads((shipped / "generation_config.json").read_text()) == GENERATION_CONFIG
+    card = (shipped / "README.md").read_text()
+    assert "train_demo.sh" in card and "- demo" in card
 
 
 @pytest.mark.parametrize(

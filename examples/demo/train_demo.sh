@@ -14,7 +14,7 @@ TRAIN="$PYTHON examples/train_skyreels_v4.py"
 export OMP_NUM_THREADS=1
 NUM_CLIPS=640     # clips the branches learn from
 NUM_PAIRS=64      # of those, clips the refiner learns from (128 x 128 encoding is the slow part)
-JOINT_STEPS=1400
+JOINT_STEPS=1200
 REFINER_STEPS=600
 stamp() { echo "[$(date +%T)] $*"; }
 
@@ -40,7 +40,7 @@ wait
 stamp "5/6 joint training of the two branches and training of the refiner (in parallel)"
 $TRAIN "${BASE[@]}" --mode joint --cache_dir "$WORK/cache_joint" --output_dir "$WORK/joint" \
     --max_train_steps "$JOINT_STEPS" --train_batch_size 8 --learning_rate 4e-4 --lr_scheduler cosine \
-    --lr_warmup_steps 100 --checkpointing_steps 500 --keyframe_rate 0 \
+    --lr_warmup_steps 100 --checkpointing_steps 400 --keyframe_rate 0 \
     --trigger_prompt "A red ball bounces quickly between the walls of a dark room. <sfx>a ping at every bounce</sfx>" &
 $TRAIN "${BASE[@]}" --mode refiner --cache_dir "$WORK/cache_pairs" --output_dir "$WORK/refiner" \
     --max_train_steps "$REFINER_STEPS" --train_batch_size 2 --learning_rate 4e-4 --lr_scheduler cosine \

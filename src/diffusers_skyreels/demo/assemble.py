@@ -18,6 +18,7 @@ from diffusers import AutoencoderKLWan, AutoencoderOobleck, DiffusionPipeline, F
 from ..models import SkyReelsV4AudioTransformer, SkyReelsV4RefinerTransformer, SkyReelsV4Transformer
 from ..pipelines import SkyReelsV4Pipeline
 from ..utils import build_tiny_qwen_vl, learn_merges
+from ..utils.model_card import save_model_card
 from .world import all_prompts
 
 TEXT_HIDDEN_SIZE = 64
@@ -95,6 +96,19 @@ GENERATION_CONFIG = dict(
 )
 
 
+EXAMPLE_PROMPT = "A blue square bounces slowly between the walls of a dark room. <sfx>a ping at every bounce</sfx>"
+TRAINING_SUMMARY = """\
+The demo model of `diffusers_skyreels`, trained from scratch on a CPU by `examples/demo/train_demo.sh` on a procedural
+world (`diffusers_skyreels.demo.world`): one ball or square in one of four colours moves left and right at one of two
+speeds and pings at every bounce, at a pitch set by its colour. It only knows that world. 64x64 at 16 fps, refined to
+128x128 at 32 fps; 2-second clips. Its VAEs were trained on the same world
+(`python -m diffusers_skyreels.demo.train_vaes`); its text encoder is a frozen, randomly initialised tiny Qwen2.5-VL
+with a tokenizer whose merges were learnt from the world's prompts. The recipe, wall-clock times and evaluation are in
+`examples/demo/README.md` of the repository. `generation_config.json` holds the settings the `skyreels-v4` command
+uses by default.
+"""
+
+
 def finalize(pipeline_dir: str | Path, refiner_dir: str | Path, output_dir: str | Path) -> None:
     """The shipped folder: the trained pipeline with the refiner trained separately, and `generation_config.json`."""
     import json
@@ -105,6 +119,16 @@ def finalize(pipeline_dir: str | Path, refiner_dir: str | Path, output_dir: str 
     pipe.register_modules(refiner=SkyReelsV4RefinerTransformer.from_pretrained(Path(refiner_dir) / "refiner"))
     pipe.save_pretrained(output_dir)
     (Path(output_dir) / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
+    save_model_card(
+        output_dir,
+        base_model=None,
+        instance_prompt=None,
+        lora=False,
+        branches=["transformer", "audio_transformer", "refiner"],
+        example_prompt=EXAMPLE_PROMPT,
+        training_summary=TRAINING_SUMMARY,
+        tags=["demo"],
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
