@@ -38,15 +38,26 @@ $TRAIN "${BASE[@]}" --mode refiner --metadata_file "$WORK/data/pairs.jsonl" --ca
 wait
 
 stamp "5/6 joint training of the two branches and training of the refiner (in parallel)"
-$TRAIN "${BASE[@]}" --mode joint --cache_dir "$WORK/cache_joint" --output_dir "$WORK/joint" \
-    --max_train_steps "$JOINT_STEPS" --train_batch_size 8 --learning_rate 4e-4 --lr_scheduler cosine \
-    --lr_warmup_steps 100 --checkpointing_steps 400 --keyframe_rate 0 \
-    --trigger_prompt "A red ball bounces quickly between the walls of a dark room. <sfx>a ping at every bounce</sfx>" &
-$TRAIN "${BASE[@]}" --mode refiner --cache_dir "$WORK/cache_pairs" --output_dir "$WORK/refiner" \
-    --max_train_steps "$REFINER_STEPS" --train_batch_size 2 --learning_rate 4e-4 --lr_scheduler cosine \
-    --lr_warmup_steps 50 --checkpointing_steps 200 &
+# Each model trains in two runs: the second starts from the first's weights with a fresh cosine schedule (this is how
+# the shipped weights were made: the first runs were short of the quality wanted, so they were continued). The
+# second joint run uses both cores: the refiner finishes first.
+TRIGGER="A red ball bounces quickly between the walls of a dark room. <sfx>a ping at every bounce</sfx>"
+( $TRAIN "${BASE[@]}" --mode joint --cache_dir "$WORK/cache_joint" --output_dir "$WORK/joint" \
+      --max_train_steps "$JOINT_STEPS" --train_batch_size 8 --learning_rate 4e-4 --lr_scheduler cosine \
+      --lr_warmup_steps 100 --checkpointing_steps 400 --keyframe_rate 0 --trigger_prompt "$TRIGGER" &&
+  OMP_NUM_THREADS=2 $TRAIN "${BASE[@]}" --pretrained_model_name_or_path "$WORK/joint" --seed 1 --mode joint \
+      --cache_dir "$WORK/cache_joint" --output_dir "$WORK/joint2" \
+      --max_train_steps "$JOINT_STEPS" --train_batch_size 8 --learning_rate 3e-4 --lr_scheduler cosine \
+      --lr_warmup_steps 20 --checkpointing_steps 400 --keyframe_rate 0 --trigger_prompt "$TRIGGER" ) &
+( $TRAIN "${BASE[@]}" --mode refiner --cache_dir "$WORK/cache_pairs" --output_dir "$WORK/refiner" \
+      --max_train_steps "$REFINER_STEPS" --train_batch_size 2 --learning_rate 4e-4 --lr_scheduler cosine \
+      --lr_warmup_steps 50 --checkpointing_steps 200 &&
+  $TRAIN "${BASE[@]}" --pretrained_model_name_or_path "$WORK/refiner" --seed 1 --mode refiner \
+      --cache_dir "$WORK/cache_pairs" --output_dir "$WORK/refiner2" \
+      --max_train_steps "$REFINER_STEPS" --train_batch_size 2 --learning_rate 2e-4 --lr_scheduler cosine \
+      --lr_warmup_steps 20 --checkpointing_steps 200 ) &
 wait
 
 stamp "6/6 the shipped folder: trained branches + trained refiner + generation_config.json"
-$PYTHON -m diffusers_skyreels.demo.assemble --finalize "$WORK/joint" --refiner "$WORK/refiner" --output-dir "$OUTPUT"
+$PYTHON -m diffusers_skyreels.demo.assemble --finalize "$WORK/joint2" --refiner "$WORK/refiner2" --output-dir "$OUTPUT"
 stamp "done: $OUTPUT"
