@@ -41,3 +41,23 @@ def test_assemble_rejects_ambiguous_commands(argv, message, capsys):
     with pytest.raises(SystemExit):
         main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_shipped_demo_model_loads_and_generates_a_clip_with_sound():
+    from diffusers_skyreels.cli import GENERATION_CONFIG as CONFIG_FILE
+    from diffusers_skyreels.cli import default_model_path
+
+    path = default_model_path()
+    settings = json.loads((path / CONFIG_FILE).read_text())
+    assert settings == GENERATION_CONFIG
+    pipe = DiffusionPipeline.from_pretrained(path)
+    assert isinstance(pipe, ds.SkyReelsV4Pipeline) and pipe.refiner is not None
+    weights = sum(f.stat().st_size for f in path.rglob("*.safetensors"))
+    assert weights <= 40e6 and not list(path.rglob("*.bin"))
+    out = pipe(
+        "A green ball bounces quickly between the walls of a dark room. <sfx>a ping at every bounce</sfx>",
+        **{**settings, "num_inference_steps": 2, "refine": False},
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert out.frames.shape == (1, 33, 64, 64, 3) and out.fps == 16
+    assert out.audio.shape == (1, 33000) and out.audio_sample_rate == 16000
