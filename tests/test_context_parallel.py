@@ -140,7 +140,7 @@ def parallel_results(tmp_path_factory):
         port = s.getsockname()[1]
     path = tmp_path_factory.mktemp("context_parallel") / "results.pt"
     mp.spawn(_worker, args=(port, str(path)), nprocs=WORLD, join=True)
-    return torch.load(path)
+    return torch.load(path, weights_only=True)
 
 
 @pytest.fixture(scope="module")

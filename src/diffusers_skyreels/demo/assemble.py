@@ -3,8 +3,8 @@
 `python -m diffusers_skyreels.demo.assemble --vae-dir VAES --output-dir INIT` writes a `SkyReelsV4Pipeline` folder
 that the training script (`examples/train_skyreels_v4.py --pretrained_model_name_or_path INIT`) starts from. The
 text encoder is randomly initialised and frozen: it only has to map different prompts to different embeddings, which
-the branches learn to read. `--refiner-from` builds the refiner from a trained pipeline's video branch instead (the
-paper initialises the refiner from the video branch).
+the branches learn to read. `--finalize JOINT --refiner REFINER` then writes the shipped folder from the two
+training runs (see `finalize`).
 """
 
 from __future__ import annotations
@@ -68,16 +68,6 @@ def build_demo_pipeline(vae_dir: str | Path, seed: int = 0) -> SkyReelsV4Pipelin
     )
 
 
-def refiner_from_video_branch(pipeline_dir: str | Path, output_dir: str | Path) -> None:
-    """Copy a trained pipeline and replace its refiner by one initialised from its trained video branch."""
-    import diffusers_skyreels  # noqa: F401  (registers the classes)
-
-    pipe = DiffusionPipeline.from_pretrained(pipeline_dir)
-    pipe.refiner = SkyReelsV4RefinerTransformer.from_video_branch(pipe.transformer, sparse_attention=False)
-    pipe.register_modules(refiner=pipe.refiner)
-    pipe.save_pretrained(output_dir)
-
-
 # What the shipped model was trained for; the `skyreels-v4` command reads it as its defaults. The base model was
 # trained without keyframe tokens (paired high-resolution data for all clips was too slow to encode on a CPU), so the
 # refiner works from the low-resolution guide alone.
@@ -135,21 +125,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", required=True, type=Path, help="where to save the pipeline folder")
     parser.add_argument("--vae-dir", type=Path, help="folder with the trained vae/ and audio_vae/")
-    parser.add_argument("--refiner-from", type=Path,
-                        help="instead: a trained pipeline whose video branch initialises a new refiner")
     parser.add_argument("--finalize", type=Path,
                         help="instead: a trained pipeline to ship, with the refiner of --refiner")
     parser.add_argument("--refiner", type=Path, help="with --finalize: a pipeline folder whose refiner was trained")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if sum(value is not None for value in (args.vae_dir, args.refiner_from, args.finalize)) != 1:
-        parser.error("pass exactly one of --vae-dir, --refiner-from and --finalize")
+    if sum(value is not None for value in (args.vae_dir, args.finalize)) != 1:
+        parser.error("pass exactly one of --vae-dir and --finalize")
     if (args.finalize is None) != (args.refiner is None):
         parser.error("--finalize and --refiner go together")
     if args.finalize is not None:
         finalize(args.finalize, args.refiner, args.output_dir)
-    elif args.refiner_from is not None:
-        refiner_from_video_branch(args.refiner_from, args.output_dir)
     else:
         build_demo_pipeline(args.vae_dir, args.seed).save_pretrained(args.output_dir)
     print(args.output_dir)

@@ -29,7 +29,7 @@ def apply_rotary(x: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
     """Rotate the interleaved pairs of `x` `[B, S, H, D]` by `phases` `[S, D / 2]`.
 
     One complex multiplication: the same rotation as `diffusers.models.embeddings.apply_rotary_emb` in its real
-    form, in one pass over `x` instead of five (about 20x faster on a CPU).
+    form, in one pass over `x` instead of five (5.2x faster on a CPU for 4096 tokens x 8 heads x 64, one thread).
     """
     rotated = torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * phases.unsqueeze(-2)
     return torch.view_as_real(rotated).flatten(-2).type_as(x)
