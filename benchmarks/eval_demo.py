@@ -10,7 +10,9 @@ video, the pings heard in the audio and their pitch. Reported:
 - moving: the object travels more than 5 % of the width;
 - sync video->audio: share of video bounces with a ping onset within one base frame (1/16 s), and audio->video: share
   of onsets with a video bounce within one base frame;
-- pitch: share of pings whose pitch is the prompt colour's.
+- pitch: share of pings whose pitch is the prompt colour's;
+- mismatched sync: the same two shares with each clip's video scored against the next clip's audio, i.e. what the
+  number and spacing of bounces and pings give by chance, with no link between picture and sound.
 
 `--ablation` repeats the run with the audio<->video cross-attention switched off in every block (both branches run
 on their own), to show what the coupling buys.
@@ -21,7 +23,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -45,18 +49,24 @@ def coupling_disabled(pipe):
             block.attn_cross_modal = attention
 
 
-def evaluate(pipe, specs, call_kwargs: dict, seed: int) -> dict:
+TOTALS = ("colour", "shape", "moving", "video_bounces", "video_matched", "onsets", "onsets_matched", "pitched",
+          "pitch_correct")
+
+
+def measure_specs(pipe, specs, indices: list[int], call_kwargs: dict, seed: int) -> tuple[dict, list[float], list]:
+    """Generate and measure the clips `indices` of `specs` (clip i is generated with seed `seed + i`, so any split of
+    the indices over processes gives the same clips); returns summed counts, seconds per clip and per-clip records."""
     from diffusers_skyreels.demo.metrics import matched, measure_clip
 
-    totals = dict(colour=0, shape=0, moving=0, video_bounces=0, video_matched=0, onsets=0, onsets_matched=0,
-                  pitched=0, pitch_correct=0)
-    seconds = []
-    for index, spec in enumerate(specs):
+    totals = dict.fromkeys(TOTALS, 0)
+    seconds, records = [], []
+    tolerance = 1.0 / BASE_FPS
+    for index in indices:
+        spec = specs[index]
         start = time.perf_counter()
         out = pipe(spec.prompt, generator=torch.Generator().manual_seed(seed + index), **call_kwargs)
         seconds.append(time.perf_counter() - start)
         got = measure_clip(out.frames[0], out.fps, out.audio[0], out.audio_sample_rate)
-        tolerance = 1.0 / BASE_FPS
         totals["colour"] += got.colour == spec.colour
         totals["shape"] += got.shape == spec.shape
         totals["moving"] += got.moving
@@ -66,23 +76,79 @@ def evaluate(pipe, specs, call_kwargs: dict, seed: int) -> dict:
         totals["onsets_matched"] += matched(got.onsets, got.video_bounces, tolerance)
         totals["pitched"] += len(got.pitches)
         totals["pitch_correct"] += sum(p == spec.colour for p in got.pitches)
-    n = len(specs)
+        records.append({
+            "index": index, "prompt": spec.prompt, "colour": got.colour, "shape": got.shape, "moving": got.moving,
+            "video_bounces": [round(t, 3) for t in got.video_bounces], "onsets": [round(t, 3) for t in got.onsets],
+            "pitches": got.pitches,
+        })
+    return totals, seconds, records
 
+
+def summarise(totals: dict, seconds: list[float], records: list[dict]) -> dict:
+    from diffusers_skyreels.demo.metrics import mismatched_sync
     def share(a: str, b: str) -> float | None:
         return None if totals[b] == 0 else totals[a] / totals[b]
 
+    clips = len(records)
+    chance_v2a, chance_a2v = mismatched_sync(
+        [r["video_bounces"] for r in records], [r["onsets"] for r in records], 1.0 / BASE_FPS
+    )
     return {
-        "clips": n,
-        "colour_accuracy": totals["colour"] / n,
-        "shape_accuracy": totals["shape"] / n,
-        "moving": totals["moving"] / n,
+        "clips": clips,
+        "colour_accuracy": totals["colour"] / clips,
+        "shape_accuracy": totals["shape"] / clips,
+        "moving": totals["moving"] / clips,
         "sync_video_to_audio": share("video_matched", "video_bounces"),
         "sync_audio_to_video": share("onsets_matched", "onsets"),
+        "sync_video_to_audio_mismatched": chance_v2a,
+        "sync_audio_to_video_mismatched": chance_a2v,
         "pitch_accuracy": share("pitch_correct", "pitched"),
         "video_bounces": totals["video_bounces"],
         "ping_onsets": totals["onsets"],
         "seconds_per_clip_median": float(np.median(seconds)),
     }
+
+
+_WORKER: dict = {}
+
+
+def _load(path: Path):
+    from diffusers import DiffusionPipeline
+
+    import diffusers_skyreels  # noqa: F401
+
+    pipe = DiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _worker_init(path: Path) -> None:
+    torch.set_num_threads(1)
+    _WORKER["pipe"] = _load(path)
+
+
+def _worker_run(indices: list[int], specs, call_kwargs: dict, seed: int, ablation: bool):
+    context = coupling_disabled(_WORKER["pipe"]) if ablation else contextlib.nullcontext()
+    with context:
+        return measure_specs(_WORKER["pipe"], specs, indices, call_kwargs, seed)
+
+
+def evaluate(path: Path, specs, call_kwargs: dict, seed: int, ablation: bool, jobs: int) -> tuple[dict, list]:
+    """Measure every spec, in `jobs` single-threaded worker processes when `jobs > 1` (the same clips either way)."""
+    if jobs <= 1:
+        pipe = _WORKER.setdefault("pipe", _load(path))
+        context = coupling_disabled(pipe) if ablation else contextlib.nullcontext()
+        with context:
+            totals, seconds, records = measure_specs(pipe, specs, list(range(len(specs))), call_kwargs, seed)
+        return summarise(totals, seconds, records), records
+    shards = [list(range(len(specs)))[i::jobs] for i in range(jobs)]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init, initargs=(path,)) as pool:
+        parts = list(pool.map(_worker_run, shards, *[[x] * jobs for x in (specs, call_kwargs, seed, ablation)]))
+    totals = {key: sum(part[0][key] for part in parts) for key in TOTALS}
+    seconds = [s for part in parts for s in part[1]]
+    records = sorted((r for part in parts for r in part[2]), key=lambda r: r["index"])
+    return summarise(totals, seconds, records), records
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -95,21 +161,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--audio-guidance-scale", type=float, help="audio CFG (default: the model's recommendation)")
     parser.add_argument("--no-refine", action="store_true", help="evaluate the base 64x64 16 fps output")
     parser.add_argument("--ablation", action="store_true", help="also run with the a<->v cross-attention off")
-    parser.add_argument("--output", type=Path, help="write the results as JSON here")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="worker processes, one thread each (the clips and figures do not depend on it)")
+    parser.add_argument("--output", type=Path, help="write the results (and every clip's measurements) as JSON here")
     args = parser.parse_args(argv)
 
-    from diffusers import DiffusionPipeline
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.num_clips < 1:
+        parser.error(f"--num-clips must be at least 1, got {args.num_clips}")
 
     import diffusers_skyreels  # noqa: F401
     from diffusers_skyreels.cli import GENERATION_CONFIG, default_model_path
     from diffusers_skyreels.demo.world import sample_clip_spec
 
     path = Path(args.model) if args.model else default_model_path()
-    pipe = DiffusionPipeline.from_pretrained(path)
-    pipe.set_progress_bar_config(disable=True)
+    if not (path / "model_index.json").is_file():
+        parser.error(f"--model {path} is not a pipeline folder (no model_index.json)")
     defaults = json.loads((path / GENERATION_CONFIG).read_text()) if (path / GENERATION_CONFIG).is_file() else {}
     call_kwargs = {k: v for k, v in defaults.items() if k != "refine"}
-    call_kwargs["refine"] = bool(defaults.get("refine", False)) and not args.no_refine and pipe.refiner is not None
+    has_refiner = json.loads((path / "model_index.json").read_text()).get("refiner", [None, None])[1] is not None
+    call_kwargs["refine"] = bool(defaults.get("refine", False)) and not args.no_refine and has_refiner
     for name in ("steps", "guidance_scale", "audio_guidance_scale"):
         if getattr(args, name) is not None:
             call_kwargs["num_inference_steps" if name == "steps" else name] = getattr(args, name)
@@ -117,12 +189,13 @@ def main(argv: list[str] | None = None) -> dict:
     specs = [sample_clip_spec(rng) for _ in range(args.num_clips)]
 
     results = {"settings": {**call_kwargs, "model": str(path), "seed": args.seed}}
-    results["coupled"] = evaluate(pipe, specs, call_kwargs, args.seed)
-    if args.ablation:
-        with coupling_disabled(pipe):
-            results["ablation_no_cross_attention"] = evaluate(pipe, specs, call_kwargs, args.seed)
+    clips = {}
+    runs = ["coupled"] + (["ablation_no_cross_attention"] if args.ablation else [])
+    for name in runs:
+        results[name], clips[name] = evaluate(path, specs, call_kwargs, args.seed, name != "coupled", args.jobs)
 
-    header = ["run", "colour", "shape", "moving", "sync v->a", "sync a->v", "pitch", "s/clip"]
+    header = ["run", "colour", "shape", "moving", "sync v->a", "sync a->v", "mismatched v->a", "mismatched a->v",
+              "pitch", "s/clip"]
     print(" | ".join(header))
     for name in ("coupled", "ablation_no_cross_attention"):
         if name not in results:
@@ -133,10 +206,12 @@ def main(argv: list[str] | None = None) -> dict:
             return "n/a" if value is None else f"{100 * value:.0f}%"
 
         print(" | ".join([name, pct(r["colour_accuracy"]), pct(r["shape_accuracy"]), pct(r["moving"]),
-                          pct(r["sync_video_to_audio"]), pct(r["sync_audio_to_video"]), pct(r["pitch_accuracy"]),
+                          pct(r["sync_video_to_audio"]), pct(r["sync_audio_to_video"]),
+                          pct(r["sync_video_to_audio_mismatched"]), pct(r["sync_audio_to_video_mismatched"]),
+                          pct(r["pitch_accuracy"]),
                           f"{r['seconds_per_clip_median']:.1f}"]))
     if args.output:
-        args.output.write_text(json.dumps(results, indent=2))
+        args.output.write_text(json.dumps({**results, "per_clip": clips}, indent=2))
     return results
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from diffusers_skyreels.demo.metrics import matched, measure_clip
+from diffusers_skyreels.demo.metrics import matched, measure_clip, mismatched_sync
 from diffusers_skyreels.demo.world import render_clip, sample_clip_spec, speed_px_per_s
 
 
@@ -42,3 +42,20 @@ def test_float_frames_measure_like_uint8():
     a = measure_clip(clip.frames, 16, clip.audio, clip.sample_rate)
     b = measure_clip(clip.frames.astype(np.float32) / 255.0, 16, clip.audio, clip.sample_rate)
     assert (a.colour, a.shape, a.video_bounces, a.onsets) == (b.colour, b.shape, b.video_bounces, b.onsets)
+
+
+def test_mismatched_sync_pairs_each_video_with_the_next_clips_audio():
+    tolerance = 1.0 / 16
+    bounces = [[0.5, 1.5], [1.0], [0.25]]
+    onsets = [[0.5, 1.5], [1.02, 1.9], [1.55]]
+    # Own audio: every bounce and every onset but one (1.9 s) is matched.
+    assert matched(bounces[0], onsets[0], tolerance) == 2
+    # Clip 0's bounces vs clip 1's onsets: none within 1/16 s; clip 1's bounce (1.0) vs clip 2's onset (1.55): none;
+    # clip 2's bounce (0.25) vs clip 0's onsets (0.5, 1.5): none.
+    assert mismatched_sync(bounces, onsets, tolerance) == (0.0, 0.0)
+    # Bounces that each agree with the next clip's pings.
+    bounces = [[1.0], [1.5], [0.5]]
+    v2a, a2v = mismatched_sync(bounces, onsets, tolerance)
+    assert v2a == 3 / 3  # 1.0 ~ 1.02 (clip 1), 1.5 ~ 1.55 (clip 2), 0.5 ~ 0.5 (clip 0)
+    assert a2v == 3 / 5  # of the 5 onsets, 1.02, 1.55 and 0.5 have a partner bounce
+    assert mismatched_sync([[], []], [[], []], tolerance) == (None, None)

@@ -163,3 +163,21 @@ def measure_clip(frames: np.ndarray, fps: float, audio: np.ndarray | None, sampl
 def matched(events: list[float], references: list[float], tolerance: float) -> int:
     """How many `events` have a reference within `tolerance` seconds."""
     return sum(any(abs(e - r) <= tolerance for r in references) for e in events)
+
+
+def mismatched_sync(
+    video_bounces: list[list[float]], onsets: list[list[float]], tolerance: float
+) -> tuple[float | None, float | None]:
+    """Bounce-ping sync of each clip's video against the *next* clip's audio (per-clip event times in seconds).
+
+    Returns the shares of bounces with an onset within `tolerance` and of onsets with a bounce (`None` without any):
+    the agreement that the number and spacing of bounces and pings give by chance, with no link between a clip's
+    picture and its sound — the baseline that a model's own sync must beat.
+    """
+    partners = onsets[1:] + onsets[:1]
+    bounce_count = sum(len(b) for b in video_bounces)
+    onset_count = sum(len(o) for o in onsets)
+    video_matched = sum(matched(b, o, tolerance) for b, o in zip(video_bounces, partners))
+    onsets_matched = sum(matched(o, b, tolerance) for b, o in zip(video_bounces, partners))
+    return (video_matched / bounce_count if bounce_count else None,
+            onsets_matched / onset_count if onset_count else None)
