@@ -15,7 +15,10 @@ video, the pings heard in the audio and their pitch. Reported:
   number and spacing of bounces and pings give by chance, with no link between picture and sound.
 
 `--ablation` repeats the run with the audio<->video cross-attention switched off in every block (both branches run
-on their own), to show what the coupling buys.
+on their own), to show what the coupling buys. `--video-to-audio` gives the joint model each spec's true video (the
+world's rendering, through the inpaint pipeline with nothing to repaint) and generates only the soundtrack: the
+bounce-ping sync of the coupling on its own, whatever the quality of generated video (its colour / shape / moving
+columns measure the true video).
 """
 
 from __future__ import annotations
@@ -53,9 +56,32 @@ TOTALS = ("colour", "shape", "moving", "video_bounces", "video_matched", "onsets
           "pitch_correct")
 
 
-def measure_specs(pipe, specs, indices: list[int], call_kwargs: dict, seed: int) -> tuple[dict, list[float], list]:
+def video_to_audio(pipe, spec, call_kwargs: dict, generator: torch.Generator):
+    """The spec's true clip (rendered by the world at the base size) with a soundtrack generated for it: the inpaint
+    pipeline with nothing to repaint, i.e. the whole video given to the joint model."""
+    from diffusers_skyreels import SkyReelsV4InpaintPipeline
+    from diffusers_skyreels.demo.world import render_clip
+
+    # The world's base clip unless the model's generation_config.json says otherwise.
+    height, width = call_kwargs.get("height", 64), call_kwargs.get("width", 64)
+    fps, num_frames = call_kwargs.get("fps", 16), call_kwargs.get("num_frames", 33)
+    frames = render_clip(spec, width, height, fps, num_frames).frames
+    dubber = SkyReelsV4InpaintPipeline(**pipe.components)
+    dubber.set_progress_bar_config(disable=True)
+    out = dubber(
+        video=list(frames), mask=np.zeros((height, width), dtype=np.float32), prompt=spec.prompt, fps=fps,
+        generator=generator, **{k: call_kwargs[k] for k in ("num_inference_steps", "guidance_scale",
+                                                           "audio_guidance_scale") if k in call_kwargs},
+    )
+    return frames, fps, out.audio[0], out.audio_sample_rate
+
+
+def measure_specs(
+    pipe, specs, indices: list[int], call_kwargs: dict, seed: int, dub: bool = False
+) -> tuple[dict, list[float], list]:
     """Generate and measure the clips `indices` of `specs` (clip i is generated with seed `seed + i`, so any split of
-    the indices over processes gives the same clips); returns summed counts, seconds per clip and per-clip records."""
+    the indices over processes gives the same clips); returns summed counts, seconds per clip and per-clip records.
+    `dub`: generate only the soundtrack, for the true video (`video_to_audio`)."""
     from diffusers_skyreels.demo.metrics import matched, measure_clip
 
     totals = dict.fromkeys(TOTALS, 0)
@@ -64,9 +90,14 @@ def measure_specs(pipe, specs, indices: list[int], call_kwargs: dict, seed: int)
     for index in indices:
         spec = specs[index]
         start = time.perf_counter()
-        out = pipe(spec.prompt, generator=torch.Generator().manual_seed(seed + index), **call_kwargs)
+        generator = torch.Generator().manual_seed(seed + index)
+        if dub:
+            clip = video_to_audio(pipe, spec, call_kwargs, generator)
+        else:
+            out = pipe(spec.prompt, generator=generator, **call_kwargs)
+            clip = (out.frames[0], out.fps, out.audio[0], out.audio_sample_rate)
         seconds.append(time.perf_counter() - start)
-        got = measure_clip(out.frames[0], out.fps, out.audio[0], out.audio_sample_rate)
+        got = measure_clip(*clip)
         totals["colour"] += got.colour == spec.colour
         totals["shape"] += got.shape == spec.shape
         totals["moving"] += got.moving
@@ -127,24 +158,27 @@ def _worker_init(path: Path) -> None:
     _WORKER["pipe"] = _load(path)
 
 
-def _worker_run(indices: list[int], specs, call_kwargs: dict, seed: int, ablation: bool):
+def _worker_run(indices: list[int], specs, call_kwargs: dict, seed: int, ablation: bool, dub: bool):
     context = coupling_disabled(_WORKER["pipe"]) if ablation else contextlib.nullcontext()
     with context:
-        return measure_specs(_WORKER["pipe"], specs, indices, call_kwargs, seed)
+        return measure_specs(_WORKER["pipe"], specs, indices, call_kwargs, seed, dub)
 
 
-def evaluate(path: Path, specs, call_kwargs: dict, seed: int, ablation: bool, jobs: int) -> tuple[dict, list]:
+def evaluate(
+    path: Path, specs, call_kwargs: dict, seed: int, ablation: bool, jobs: int, dub: bool = False
+) -> tuple[dict, list]:
     """Measure every spec, in `jobs` single-threaded worker processes when `jobs > 1` (the same clips either way)."""
     if jobs <= 1:
         pipe = _WORKER.setdefault("pipe", _load(path))
         context = coupling_disabled(pipe) if ablation else contextlib.nullcontext()
         with context:
-            totals, seconds, records = measure_specs(pipe, specs, list(range(len(specs))), call_kwargs, seed)
+            totals, seconds, records = measure_specs(pipe, specs, list(range(len(specs))), call_kwargs, seed, dub)
         return summarise(totals, seconds, records), records
     shards = [list(range(len(specs)))[i::jobs] for i in range(jobs)]
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init, initargs=(path,)) as pool:
-        parts = list(pool.map(_worker_run, shards, *[[x] * jobs for x in (specs, call_kwargs, seed, ablation)]))
+        repeated = [[x] * jobs for x in (specs, call_kwargs, seed, ablation, dub)]
+        parts = list(pool.map(_worker_run, shards, *repeated))
     totals = {key: sum(part[0][key] for part in parts) for key in TOTALS}
     seconds = [s for part in parts for s in part[1]]
     records = sorted((r for part in parts for r in part[2]), key=lambda r: r["index"])
@@ -161,6 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--audio-guidance-scale", type=float, help="audio CFG (default: the model's recommendation)")
     parser.add_argument("--no-refine", action="store_true", help="evaluate the base 64x64 16 fps output")
     parser.add_argument("--ablation", action="store_true", help="also run with the a<->v cross-attention off")
+    parser.add_argument("--video-to-audio", action="store_true",
+                        help="also generate only the soundtrack for each clip's true video (the coupling on its own)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="worker processes, one thread each (the clips and figures do not depend on it)")
     parser.add_argument("--output", type=Path, help="write the results (and every clip's measurements) as JSON here")
@@ -190,16 +226,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = {"settings": {**call_kwargs, "model": str(path), "seed": args.seed}}
     clips = {}
-    runs = ["coupled"] + (["ablation_no_cross_attention"] if args.ablation else [])
-    for name in runs:
-        results[name], clips[name] = evaluate(path, specs, call_kwargs, args.seed, name != "coupled", args.jobs)
+    runs = [("coupled", False, False)]
+    if args.ablation:
+        runs.append(("ablation_no_cross_attention", True, False))
+    if args.video_to_audio:
+        runs.append(("video_to_audio", False, True))
+        if args.ablation:
+            runs.append(("video_to_audio_ablation", True, True))
+    for name, ablation, dub in runs:
+        results[name], clips[name] = evaluate(path, specs, call_kwargs, args.seed, ablation, args.jobs, dub)
 
     header = ["run", "colour", "shape", "moving", "sync v->a", "sync a->v", "mismatched v->a", "mismatched a->v",
               "pitch", "s/clip"]
     print(" | ".join(header))
-    for name in ("coupled", "ablation_no_cross_attention"):
-        if name not in results:
-            continue
+    for name, _, _ in runs:
         r = results[name]
 
         def pct(value):
