@@ -52,22 +52,15 @@ def coupling_disabled(pipe):
             block.attn_cross_modal = attention
 
 
-TOTALS = ("colour", "shape", "moving", "video_bounces", "video_matched", "onsets", "onsets_matched", "pitched",
-          "pitch_correct")
-
-
-def video_to_audio(pipe, spec, call_kwargs: dict, generator: torch.Generator):
-    """The spec's true clip (rendered by the world at the base size) with a soundtrack generated for it: the inpaint
-    pipeline with nothing to repaint, i.e. the whole video given to the joint model."""
-    from diffusers_skyreels import SkyReelsV4InpaintPipeline
+def video_to_audio(dubber, spec, call_kwargs: dict, generator: torch.Generator):
+    """The spec's true clip (rendered by the world at the base size) with a soundtrack generated for it by `dubber`,
+    an inpaint pipeline given nothing to repaint, i.e. the whole video given to the joint model."""
     from diffusers_skyreels.demo.world import render_clip
 
     # The world's base clip unless the model's generation_config.json says otherwise.
     height, width = call_kwargs.get("height", 64), call_kwargs.get("width", 64)
     fps, num_frames = call_kwargs.get("fps", 16), call_kwargs.get("num_frames", 33)
     frames = render_clip(spec, width, height, fps, num_frames).frames
-    dubber = SkyReelsV4InpaintPipeline(**pipe.components)
-    dubber.set_progress_bar_config(disable=True)
     out = dubber(
         video=list(frames), mask=np.zeros((height, width), dtype=np.float32), prompt=spec.prompt, fps=fps,
         generator=generator, **{k: call_kwargs[k] for k in ("num_inference_steps", "guidance_scale",
@@ -77,65 +70,61 @@ def video_to_audio(pipe, spec, call_kwargs: dict, generator: torch.Generator):
 
 
 def measure_specs(
-    pipe, specs, indices: list[int], call_kwargs: dict, seed: int, dub: bool = False
-) -> tuple[dict, list[float], list]:
+    pipe, specs, indices: list[int], call_kwargs: dict, seed: int, ablation: bool, dub: bool
+) -> tuple[list[dict], list[float]]:
     """Generate and measure the clips `indices` of `specs` (clip i is generated with seed `seed + i`, so any split of
-    the indices over processes gives the same clips); returns summed counts, seconds per clip and per-clip records.
-    `dub`: generate only the soundtrack, for the true video (`video_to_audio`)."""
-    from diffusers_skyreels.demo.metrics import matched, measure_clip
+    the indices over processes gives the same clips); returns per-clip records and seconds per clip.
+    `ablation`: with the audio<->video cross-attention off; `dub`: only the soundtrack, for the true video."""
+    from diffusers_skyreels import SkyReelsV4InpaintPipeline
+    from diffusers_skyreels.demo.metrics import measure_clip
 
-    totals = dict.fromkeys(TOTALS, 0)
-    seconds, records = [], []
-    tolerance = 1.0 / BASE_FPS
-    for index in indices:
-        spec = specs[index]
-        start = time.perf_counter()
-        generator = torch.Generator().manual_seed(seed + index)
-        if dub:
-            clip = video_to_audio(pipe, spec, call_kwargs, generator)
-        else:
-            out = pipe(spec.prompt, generator=generator, **call_kwargs)
-            clip = (out.frames[0], out.fps, out.audio[0], out.audio_sample_rate)
-        seconds.append(time.perf_counter() - start)
-        got = measure_clip(*clip)
-        totals["colour"] += got.colour == spec.colour
-        totals["shape"] += got.shape == spec.shape
-        totals["moving"] += got.moving
-        totals["video_bounces"] += len(got.video_bounces)
-        totals["video_matched"] += matched(got.video_bounces, got.onsets, tolerance)
-        totals["onsets"] += len(got.onsets)
-        totals["onsets_matched"] += matched(got.onsets, got.video_bounces, tolerance)
-        totals["pitched"] += len(got.pitches)
-        totals["pitch_correct"] += sum(p == spec.colour for p in got.pitches)
-        records.append({
-            "index": index, "prompt": spec.prompt, "colour": got.colour, "shape": got.shape, "moving": got.moving,
-            "video_bounces": [round(t, 3) for t in got.video_bounces], "onsets": [round(t, 3) for t in got.onsets],
-            "pitches": got.pitches,
-        })
-    return totals, seconds, records
+    dubber = None
+    if dub:
+        dubber = SkyReelsV4InpaintPipeline.from_pipe(pipe)
+        dubber.set_progress_bar_config(disable=True)
+    records, seconds = [], []
+    with coupling_disabled(pipe) if ablation else contextlib.nullcontext():
+        for index in indices:
+            spec = specs[index]
+            start = time.perf_counter()
+            generator = torch.Generator().manual_seed(seed + index)
+            if dub:
+                clip = video_to_audio(dubber, spec, call_kwargs, generator)
+            else:
+                out = pipe(spec.prompt, generator=generator, **call_kwargs)
+                clip = (out.frames[0], out.fps, out.audio[0], out.audio_sample_rate)
+            seconds.append(time.perf_counter() - start)
+            got = measure_clip(*clip)
+            records.append({
+                "index": index, "prompt": spec.prompt, "true_colour": spec.colour, "true_shape": spec.shape,
+                "colour": got.colour, "shape": got.shape, "moving": got.moving,
+                "video_bounces": got.video_bounces, "onsets": got.onsets, "pitches": got.pitches,
+            })
+    return records, seconds
 
 
-def summarise(totals: dict, seconds: list[float], records: list[dict]) -> dict:
-    from diffusers_skyreels.demo.metrics import mismatched_sync
-    def share(a: str, b: str) -> float | None:
-        return None if totals[b] == 0 else totals[a] / totals[b]
+def summarise(records: list[dict], seconds: list[float]) -> dict:
+    """The figures of a run from its per-clip records."""
+    from diffusers_skyreels.demo.metrics import sync_shares
 
     clips = len(records)
-    chance_v2a, chance_a2v = mismatched_sync(
-        [r["video_bounces"] for r in records], [r["onsets"] for r in records], 1.0 / BASE_FPS
-    )
+    bounces = [r["video_bounces"] for r in records]
+    onsets = [r["onsets"] for r in records]
+    sync = sync_shares(bounces, onsets, 1.0 / BASE_FPS)
+    mismatched = sync_shares(bounces, onsets[1:] + onsets[:1], 1.0 / BASE_FPS)  # each video vs the next clip's audio
+    pitches = [p == r["true_colour"] for r in records for p in r["pitches"]]
     return {
         "clips": clips,
-        "colour_accuracy": totals["colour"] / clips,
-        "shape_accuracy": totals["shape"] / clips,
-        "moving": totals["moving"] / clips,
-        "sync_video_to_audio": share("video_matched", "video_bounces"),
-        "sync_audio_to_video": share("onsets_matched", "onsets"),
-        "sync_video_to_audio_mismatched": chance_v2a,
-        "sync_audio_to_video_mismatched": chance_a2v,
-        "pitch_accuracy": share("pitch_correct", "pitched"),
-        "video_bounces": totals["video_bounces"],
-        "ping_onsets": totals["onsets"],
+        "colour_accuracy": sum(r["colour"] == r["true_colour"] for r in records) / clips,
+        "shape_accuracy": sum(r["shape"] == r["true_shape"] for r in records) / clips,
+        "moving": sum(r["moving"] for r in records) / clips,
+        "sync_video_to_audio": sync[0],
+        "sync_audio_to_video": sync[1],
+        "sync_video_to_audio_mismatched": mismatched[0],
+        "sync_audio_to_video_mismatched": mismatched[1],
+        "pitch_accuracy": sum(pitches) / len(pitches) if pitches else None,
+        "video_bounces": sum(map(len, bounces)),
+        "ping_onsets": sum(map(len, onsets)),
         "seconds_per_clip_median": float(np.median(seconds)),
     }
 
@@ -143,46 +132,43 @@ def summarise(totals: dict, seconds: list[float], records: list[dict]) -> dict:
 _WORKER: dict = {}
 
 
-def _load(path: Path):
-    from diffusers import DiffusionPipeline
+def _pipeline(path: Path):
+    """This process's pipeline, loaded once."""
+    if "pipe" not in _WORKER:
+        from diffusers import DiffusionPipeline
 
-    import diffusers_skyreels  # noqa: F401
+        import diffusers_skyreels  # noqa: F401
 
-    pipe = DiffusionPipeline.from_pretrained(path)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+        _WORKER["pipe"] = DiffusionPipeline.from_pretrained(path)
+        _WORKER["pipe"].set_progress_bar_config(disable=True)
+    return _WORKER["pipe"]
 
 
 def _worker_init(path: Path) -> None:
     torch.set_num_threads(1)
-    _WORKER["pipe"] = _load(path)
+    _pipeline(path)
 
 
-def _worker_run(indices: list[int], specs, call_kwargs: dict, seed: int, ablation: bool, dub: bool):
-    context = coupling_disabled(_WORKER["pipe"]) if ablation else contextlib.nullcontext()
-    with context:
-        return measure_specs(_WORKER["pipe"], specs, indices, call_kwargs, seed, dub)
+def _worker_run(path: Path, *args):
+    return measure_specs(_pipeline(path), *args)
 
 
 def evaluate(
     path: Path, specs, call_kwargs: dict, seed: int, ablation: bool, jobs: int, dub: bool = False
 ) -> tuple[dict, list]:
     """Measure every spec, in `jobs` single-threaded worker processes when `jobs > 1` (the same clips either way)."""
+    args = (specs, call_kwargs, seed, ablation, dub)
     if jobs <= 1:
-        pipe = _WORKER.setdefault("pipe", _load(path))
-        context = coupling_disabled(pipe) if ablation else contextlib.nullcontext()
-        with context:
-            totals, seconds, records = measure_specs(pipe, specs, list(range(len(specs))), call_kwargs, seed, dub)
-        return summarise(totals, seconds, records), records
+        records, seconds = measure_specs(_pipeline(path), specs, list(range(len(specs))), *args[1:])
+        return summarise(records, seconds), records
     shards = [list(range(len(specs)))[i::jobs] for i in range(jobs)]
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init, initargs=(path,)) as pool:
-        repeated = [[x] * jobs for x in (specs, call_kwargs, seed, ablation, dub)]
-        parts = list(pool.map(_worker_run, shards, *repeated))
-    totals = {key: sum(part[0][key] for part in parts) for key in TOTALS}
+        parts = list(pool.map(_worker_run, [path] * jobs, [specs] * jobs, shards,
+                              *[[x] * jobs for x in args[1:]]))
+    records = sorted((r for part in parts for r in part[0]), key=lambda r: r["index"])
     seconds = [s for part in parts for s in part[1]]
-    records = sorted((r for part in parts for r in part[2]), key=lambda r: r["index"])
-    return summarise(totals, seconds, records), records
+    return summarise(records, seconds), records
 
 
 def main(argv: list[str] | None = None) -> dict:

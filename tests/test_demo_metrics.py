@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from diffusers_skyreels.demo.metrics import matched, measure_clip, mismatched_sync
+from diffusers_skyreels.demo.metrics import matched, measure_clip, sync_shares
 from diffusers_skyreels.demo.world import render_clip, sample_clip_spec, speed_px_per_s
 
 
@@ -44,12 +44,17 @@ def test_float_frames_measure_like_uint8():
     assert (a.colour, a.shape, a.video_bounces, a.onsets) == (b.colour, b.shape, b.video_bounces, b.onsets)
 
 
-def test_mismatched_sync_pairs_each_video_with_the_next_clips_audio():
+def test_sync_shares_own_and_mismatched_audio():
     tolerance = 1.0 / 16
+
+    def mismatched_sync(bounces, onsets, tolerance):  # each clip's video against the next clip's audio
+        return sync_shares(bounces, onsets[1:] + onsets[:1], tolerance)
+
     bounces = [[0.5, 1.5], [1.0], [0.25]]
     onsets = [[0.5, 1.5], [1.02, 1.9], [1.55]]
-    # Own audio: every bounce and every onset but one (1.9 s) is matched.
+    # Own audio: both bounces of clip 0 are matched; of all 4 bounces, 3 (0.5, 1.5, 1.0); of 5 onsets, 3.
     assert matched(bounces[0], onsets[0], tolerance) == 2
+    assert sync_shares(bounces, onsets, tolerance) == (3 / 4, 3 / 5)
     # Clip 0's bounces vs clip 1's onsets: none within 1/16 s; clip 1's bounce (1.0) vs clip 2's onset (1.55): none;
     # clip 2's bounce (0.25) vs clip 0's onsets (0.5, 1.5): none.
     assert mismatched_sync(bounces, onsets, tolerance) == (0.0, 0.0)

@@ -165,19 +165,18 @@ def matched(events: list[float], references: list[float], tolerance: float) -> i
     return sum(any(abs(e - r) <= tolerance for r in references) for e in events)
 
 
-def mismatched_sync(
+def sync_shares(
     video_bounces: list[list[float]], onsets: list[list[float]], tolerance: float
 ) -> tuple[float | None, float | None]:
-    """Bounce-ping sync of each clip's video against the *next* clip's audio (per-clip event times in seconds).
+    """Bounce-ping sync over clips (per-clip event times in seconds, clip i's bounces against `onsets[i]`).
 
-    Returns the shares of bounces with an onset within `tolerance` and of onsets with a bounce (`None` without any):
-    the agreement that the number and spacing of bounces and pings give by chance, with no link between a clip's
-    picture and its sound — the baseline that a model's own sync must beat.
+    Returns the share of bounces with an onset within `tolerance` and the share of onsets with a bounce (`None`
+    without any). With each clip's onsets replaced by another clip's, it gives the agreement that the number and
+    spacing of bounces and pings alone produce: the baseline that a model's own sync must beat.
     """
-    partners = onsets[1:] + onsets[:1]
     bounce_count = sum(len(b) for b in video_bounces)
     onset_count = sum(len(o) for o in onsets)
-    video_matched = sum(matched(b, o, tolerance) for b, o in zip(video_bounces, partners))
-    onsets_matched = sum(matched(o, b, tolerance) for b, o in zip(video_bounces, partners))
+    video_matched = sum(matched(b, o, tolerance) for b, o in zip(video_bounces, onsets))
+    onsets_matched = sum(matched(o, b, tolerance) for b, o in zip(video_bounces, onsets))
     return (video_matched / bounce_count if bounce_count else None,
             onsets_matched / onset_count if onset_count else None)
