@@ -35,6 +35,9 @@ import numpy as np
 import torch
 
 BASE_FPS = 16.0
+# The world's base clip: what a folder without generation_config.json (a training run's output) is asked for, instead
+# of the pipeline's own defaults, which are sized for real checkpoints.
+WORLD_CLIP = dict(height=64, width=64, num_frames=33, fps=16)
 
 
 @contextlib.contextmanager
@@ -57,9 +60,7 @@ def video_to_audio(dubber, spec, call_kwargs: dict, generator: torch.Generator):
     an inpaint pipeline given nothing to repaint, i.e. the whole video given to the joint model."""
     from diffusers_skyreels.demo.world import render_clip
 
-    # The world's base clip unless the model's generation_config.json says otherwise.
-    height, width = call_kwargs.get("height", 64), call_kwargs.get("width", 64)
-    fps, num_frames = call_kwargs.get("fps", 16), call_kwargs.get("num_frames", 33)
+    height, width, fps, num_frames = (call_kwargs[k] for k in ("height", "width", "fps", "num_frames"))
     frames = render_clip(spec, width, height, fps, num_frames).frames
     out = dubber(
         video=list(frames), mask=np.zeros((height, width), dtype=np.float32), prompt=spec.prompt, fps=fps,
@@ -173,7 +174,8 @@ def evaluate(
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="pipeline folder (default: the shipped demo model)")
+    parser.add_argument("--model", help="pipeline folder (default: the shipped demo model); one without "
+                        "generation_config.json is run at the world's base clip, 64x64, 33 frames, 16 fps")
     parser.add_argument("--num-clips", type=int, default=48)
     parser.add_argument("--seed", type=int, default=100_000, help="held-out spec seed (training used small seeds)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's recommendation)")
@@ -201,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not (path / "model_index.json").is_file():
         parser.error(f"--model {path} is not a pipeline folder (no model_index.json)")
     defaults = json.loads((path / GENERATION_CONFIG).read_text()) if (path / GENERATION_CONFIG).is_file() else {}
+    defaults = {**WORLD_CLIP, **defaults}
     call_kwargs = {k: v for k, v in defaults.items() if k != "refine"}
     has_refiner = json.loads((path / "model_index.json").read_text()).get("refiner", [None, None])[1] is not None
     call_kwargs["refine"] = bool(defaults.get("refine", False)) and not args.no_refine and has_refiner
