@@ -345,6 +345,33 @@ def test_large_preset_parameter_count_on_meta_device():
     assert sum(p.numel() for p in audio.parameters()) == audio_expected
 
 
+def test_demo_preset_rope_tells_far_positions_from_near_ones():
+    """Over the demo grid (9 latent frames of 4 x 4 tokens), a position 3 or more steps away never looks more like the
+    origin (mean cosine of the rotary phase differences) than one 2 steps away, on every axis the branches rotate."""
+    video = SkyReelsV4Transformer.from_preset("demo")
+    audio = SkyReelsV4AudioTransformer.from_preset("demo")
+
+    def similarity(rope, positions: torch.Tensor) -> torch.Tensor:
+        cos, _ = rope(positions)  # phases relative to position 0, whose phases are all 0
+        return cos.mean(dim=-1)
+
+    steps = torch.arange(9, dtype=torch.float32)
+    axes = {
+        "frame": (video.rope, torch.stack([steps, 0 * steps, 0 * steps], dim=-1), 9),
+        "row": (video.rope, torch.stack([0 * steps, steps, 0 * steps], dim=-1), 4),
+        "column": (video.rope, torch.stack([0 * steps, 0 * steps, steps], dim=-1), 4),
+        "video a<->v time": (video.temporal_rope, steps[:, None], 9),
+        "audio a<->v time": (audio.temporal_rope, steps[:, None], 9),
+    }
+    for name, (rope, positions, length) in axes.items():
+        sim = similarity(rope, positions[:length])
+        assert sim[3:].max() < sim[2], f"{name}: {sim.tolist()}"
+    # Theta 10000 fails the first check on the frame axis: frame 6 looks like frame 0 (6 rad ~ 2 pi).
+    usual = SkyReelsV4Transformer.from_preset("demo", rope_theta=10000.0)
+    sim = similarity(usual.rope, axes["frame"][1])
+    assert sim[6] > sim[2]
+
+
 # -- Diffusers model features ----------------------------------------------------------------------------------------
 
 

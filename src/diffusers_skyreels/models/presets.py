@@ -28,6 +28,11 @@ _SHARED: dict[str, dict[str, Any]] = {
         ffn_dim=512,
         text_embed_dim=64,
         freq_dim=64,
+        # RoPE's fastest pair turns 1 rad per position and each next one theta ** (-2 / axis dim) times slower. With
+        # the usual 10000 and 5-6 pairs per axis, only the fastest pair turns noticeably over the demo's 9 x 4 x 4
+        # token grid, so frame t + 6 looks like frame t (6 rad ~ 2 pi). 32 spreads the pairs over 1 .. 1/16 rad per
+        # position (examples/demo/README.md has the measured effect).
+        rope_theta=32.0,
     ),
     "large": dict(
         num_attention_heads=40,
