@@ -20,8 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-WORLD_CLIP = dict(height=64, width=64, num_frames=33, fps=16)
-
 
 def audio_span_of_latent_frame(frame: int, timing, temporal_factor: int) -> tuple[int, int]:
     """Audio latents `[lo, hi)` whose start time falls in the pixel frames that video latent frame `frame` covers."""
@@ -37,11 +35,11 @@ def audio_span_of_latent_frame(frame: int, timing, temporal_factor: int) -> tupl
 
 def alignment_matrix(pipe, specs, sigma: float, seed: int) -> torch.Tensor:
     """`[T, T]`: row j = normalised dependence of the audio in latent frame j's span on each video latent frame."""
-    from diffusers_skyreels.demo.world import render_clip
+    from diffusers_skyreels.demo.world import BASE_CLIP, render_clip
     from diffusers_skyreels.pipelines.skyreels_v4.conditioning import ChannelCondition, audio_condition
     from diffusers_skyreels.pipelines.skyreels_v4.latent_codecs import VideoCodec
 
-    size, fps, num_frames = WORLD_CLIP["height"], WORLD_CLIP["fps"], WORLD_CLIP["num_frames"]
+    size, fps, num_frames = BASE_CLIP["height"], BASE_CLIP["fps"], BASE_CLIP["num_frames"]
     timing = pipe.clip_timing(fps, num_frames=num_frames)
     codec, audio_codec = VideoCodec(pipe.vae), pipe.audio_codec
     spans = [audio_span_of_latent_frame(j, timing, codec.temporal_factor) for j in range(timing.num_latent_frames)]

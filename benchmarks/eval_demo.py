@@ -35,9 +35,6 @@ import numpy as np
 import torch
 
 BASE_FPS = 16.0
-# The world's base clip: what a folder without generation_config.json (a training run's output) is asked for, instead
-# of the pipeline's own defaults, which are sized for real checkpoints.
-WORLD_CLIP = dict(height=64, width=64, num_frames=33, fps=16)
 
 
 @contextlib.contextmanager
@@ -197,13 +194,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     import diffusers_skyreels  # noqa: F401
     from diffusers_skyreels.cli import GENERATION_CONFIG, default_model_path
-    from diffusers_skyreels.demo.world import sample_clip_spec
+    from diffusers_skyreels.demo.world import BASE_CLIP, sample_clip_spec
 
     path = Path(args.model) if args.model else default_model_path()
     if not (path / "model_index.json").is_file():
         parser.error(f"--model {path} is not a pipeline folder (no model_index.json)")
     defaults = json.loads((path / GENERATION_CONFIG).read_text()) if (path / GENERATION_CONFIG).is_file() else {}
-    defaults = {**WORLD_CLIP, **defaults}
+    # A training run's output has no generation_config.json: ask it for the world's clip, not for the pipeline's
+    # defaults, which are sized for real checkpoints.
+    defaults = {**BASE_CLIP, **defaults}
     call_kwargs = {k: v for k, v in defaults.items() if k != "refine"}
     has_refiner = json.loads((path / "model_index.json").read_text()).get("refiner", [None, None])[1] is not None
     call_kwargs["refine"] = bool(defaults.get("refine", False)) and not args.no_refine and has_refiner

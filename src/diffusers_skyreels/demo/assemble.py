@@ -19,7 +19,7 @@ from ..models import SkyReelsV4AudioTransformer, SkyReelsV4RefinerTransformer, S
 from ..pipelines import SkyReelsV4Pipeline
 from ..utils import build_tiny_qwen_vl, learn_merges
 from ..utils.model_card import save_model_card
-from .world import all_prompts
+from .world import BASE_CLIP, all_prompts
 
 TEXT_HIDDEN_SIZE = 64
 # The tokenizer learns merges from the world's prompts, so that a prompt is ~24 tokens instead of ~100 bytes.
@@ -72,10 +72,7 @@ def build_demo_pipeline(vae_dir: str | Path, seed: int = 0) -> SkyReelsV4Pipelin
 # trained without keyframe tokens (paired high-resolution data for all clips was too slow to encode on a CPU), so the
 # refiner works from the low-resolution guide alone.
 GENERATION_CONFIG = dict(
-    height=64,
-    width=64,
-    num_frames=33,
-    fps=16,
+    **BASE_CLIP,
     num_inference_steps=20,
     guidance_scale=6.0,
     audio_guidance_scale=6.0,

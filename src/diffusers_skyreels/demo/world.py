@@ -26,6 +26,8 @@ import numpy as np
 from diffusers_skyreels.utils.media_io import export_to_video_with_audio, num_audio_samples
 
 REFERENCE_WIDTH = 64
+# The clip the base model is trained on and generates (the refiner doubles size and frame rate).
+BASE_CLIP = dict(height=REFERENCE_WIDTH, width=REFERENCE_WIDTH, num_frames=33, fps=16)
 BACKGROUND = (16, 16, 16)
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 230), "yellow": (230, 210, 40)}
 PITCHES_HZ = {"red": 440.0, "green": 660.0, "blue": 880.0, "yellow": 1320.0}
