@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 from diffusers import AutoModel, MMAudioVAE
+from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
 from diffusers_skyreels import SkyReelsV4AudioTransformer, SkyReelsV4Transformer
 from diffusers_skyreels.pipelines.skyreels_v4.timing import clip_timing
@@ -400,6 +401,8 @@ def test_attention_backend_matches_native(pair):
     x = inputs()
     with torch.no_grad():
         native = video(**x, keyframe_indices=[0, 1], audio_transformer=audio)
+    # `set_attention_backend` also makes the backend Diffusers' process-wide default, which reset does not undo.
+    default_backend = _AttentionBackendRegistry._active_backend
     for model in (video, audio):
         model.set_attention_backend("_native_math")
     try:
@@ -408,6 +411,7 @@ def test_attention_backend_matches_native(pair):
     finally:
         for model in (video, audio):
             model.reset_attention_backend()
+        _AttentionBackendRegistry.set_active_backend(default_backend)
     torch.testing.assert_close(math_out.sample, native.sample, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(math_out.audio_sample, native.audio_sample, atol=1e-5, rtol=1e-5)
 
