@@ -1,7 +1,7 @@
 """Memory (and time) of Diffusers' memory and speed features on a joint text-to-video+audio pipeline call.
 
     python benchmarks/bench_memory_features.py                              # demo preset, CPU float32
-    python benchmarks/bench_memory_features.py --device cuda --compute-dtype bfloat16
+    python benchmarks/bench_memory_features.py --device cuda --dtype bfloat16
 
 Components: the demo preset built in code (bench_utils.pipeline_components), 64x64, 33 frames, 16 fps, with
 classifier-free guidance. Features, each on its own pipeline:
@@ -10,7 +10,7 @@ classifier-free guidance. Features, each on its own pipeline:
 - `model_cpu_offload`: `enable_model_cpu_offload(device=...)`.
 - `group_offload_block` / `group_offload_leaf`: `enable_group_offload(onload=device, offload=cpu, ...)` on the
   three transformers.
-- `fp8_layerwise`: `enable_layerwise_casting(storage_dtype=float8_e4m3fn, compute_dtype=...)` on both branches.
+- `fp8_layerwise`: `enable_layerwise_casting(storage_dtype=float8_e4m3fn, compute_dtype=--dtype)` on both branches.
 - `forward_chunking`: `enable_forward_chunking(256)` on both branches (the MLPs run over 256 tokens at a time).
 - `first_block_cache`, `taylorseer`: `enable_cache(...)` on both branches (see CACHES).
 
@@ -54,8 +54,9 @@ def caches() -> dict:
     }
 
 
-def build(feature: str, device: torch.device, compute_dtype: torch.dtype) -> ds.SkyReelsV4Pipeline:
-    pipe = ds.SkyReelsV4Pipeline(**pipeline_components("demo"))
+def build(feature: str, device: torch.device, dtype: torch.dtype) -> ds.SkyReelsV4Pipeline:
+    """The demo pipeline in `dtype` with `feature` enabled (every row runs in the same dtype)."""
+    pipe = ds.SkyReelsV4Pipeline(**pipeline_components("demo")).to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     branches = (pipe.transformer, pipe.audio_transformer)
     if feature == "model_cpu_offload":
@@ -79,7 +80,7 @@ def build(feature: str, device: torch.device, compute_dtype: torch.dtype) -> ds.
             model.enable_forward_chunking(256)
     elif feature == "fp8_layerwise":
         for model in branches:
-            model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
+            model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
     elif feature in caches():
         for model in branches:
             model.enable_cache(caches()[feature])
@@ -89,8 +90,8 @@ def build(feature: str, device: torch.device, compute_dtype: torch.dtype) -> ds.
 
 
 def child(args: argparse.Namespace) -> None:
-    device, compute_dtype = torch.device(args.device), DTYPES[args.compute_dtype]
-    pipe = build(args.child, device, compute_dtype)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    pipe = build(args.child, device, dtype)
     call = dict(num_inference_steps=args.steps, **CALL)
     pipe(PROMPT, **call)  # one-time allocations are not the feature's
     with PeakMemory(device) as peak:
@@ -113,7 +114,8 @@ def child(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--compute-dtype", choices=sorted(DTYPES), default="float32", help="of fp8 layerwise casting")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="of the whole pipeline; fp8 layerwise casting stores in float8 and computes in it")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -129,35 +131,36 @@ def main() -> None:
     import diffusers
 
     diffusers.utils.logging.set_verbosity_error()
-    device, compute_dtype = torch.device(args.device), DTYPES[args.compute_dtype]
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
     features = args.features.split(",")
     if features[0] != "baseline":
         features.insert(0, "baseline")
-    pipes = {feature: build(feature, device, compute_dtype) for feature in features}
+    print(f"device={device} dtype={args.dtype} threads={torch.get_num_threads()} demo preset {CALL} "
+          f"steps={args.steps} repeats={args.repeats}", flush=True)
+    pipes = {feature: build(feature, device, dtype) for feature in features}
     call = dict(num_inference_steps=args.steps, **CALL)
     fns = {feature: (lambda pipe=pipe: pipe(PROMPT, **call)) for feature, pipe in pipes.items()}
     times = interleaved_times(fns, args.repeats, device)
     base_time = [t[0] for t in times["baseline"]]
+    del pipes, fns
 
-    passthrough = ["--device", args.device, "--compute-dtype", args.compute_dtype, "--steps", str(args.steps)]
+    passthrough = ["--device", args.device, "--dtype", args.dtype, "--steps", str(args.steps)]
     passthrough += ["--threads", str(args.threads)] if args.threads else []
-    memory = {feature: run_child(__file__, [*passthrough, "--child", feature]) for feature in features}
-    base = memory["baseline"]
-    print(f"device={device} compute_dtype={args.compute_dtype} threads={torch.get_num_threads()} demo preset {CALL} "
-          f"steps={args.steps} repeats={args.repeats}")
     print(f"{'feature':>20} | {'peak MiB':>9} {'ratio':>6} | {'call peak MiB':>13} {'ratio':>6} | "
-          f"{'loop peak MiB':>13} {'ratio':>6} | {'weights MiB':>11} | {'s/call':>7} {'time ratio':>10}")
-    for feature in features:
-        m = memory[feature]
+          f"{'loop peak MiB':>13} {'ratio':>6} | {'weights MiB':>11} | {'s/call':>7} {'time ratio':>10}", flush=True)
+    base = None
+    for feature in features:  # a row as soon as its process has measured it (each one starts torch afresh)
+        m = run_child(__file__, [*passthrough, "--child", feature])
+        base = base or m
         wall = statistics.median(t[0] for t in times[feature])
         ratio = statistics.median(t[0] / b for t, b in zip(times[feature], base_time))
         print(
             f"{feature:>20} | {m['peak'] / MIB:>9.1f} {m['peak'] / base['peak']:>5.2f}x | "
             f"{m['call_peak'] / MIB:>13.1f} {m['call_peak'] / base['call_peak']:>5.2f}x | "
             f"{m['loop_peak'] / MIB:>13.1f} {m['loop_peak'] / base['loop_peak']:>5.2f}x | {m['weights'] / MIB:>11.2f} | "
-            f"{wall:>7.2f} {ratio:>9.2f}x"
+            f"{wall:>7.2f} {ratio:>9.2f}x",
+            flush=True,
         )
-
 
 if __name__ == "__main__":
     main()

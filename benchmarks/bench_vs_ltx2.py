@@ -184,7 +184,9 @@ def to_dtype(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -
 def prepare(
     name: str, m: Matched, size: Size, device: torch.device, dtype: torch.dtype, args: argparse.Namespace
 ) -> tuple[tuple[torch.nn.Module, ...], Callable[[], object]]:
-    models = tuple(to_dtype(model, device, dtype) for model in build(name, m))
+    with device:  # built where they run: initialising ~1B parameters on the CPU first takes longer than the runs
+        built = build(name, m)
+    models = tuple(to_dtype(model, device, dtype) for model in built)
     for model in models:
         if args.attention_backend:
             model.set_attention_backend(args.attention_backend)

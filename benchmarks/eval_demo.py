@@ -130,39 +130,41 @@ def summarise(records: list[dict], seconds: list[float]) -> dict:
 _WORKER: dict = {}
 
 
-def _pipeline(path: Path):
+def _pipeline(path: Path, device: str = "cpu"):
     """This process's pipeline, loaded once."""
     if "pipe" not in _WORKER:
         from diffusers import DiffusionPipeline
 
         import diffusers_skyreels  # noqa: F401
 
-        _WORKER["pipe"] = DiffusionPipeline.from_pretrained(path)
+        _WORKER["pipe"] = DiffusionPipeline.from_pretrained(path).to(device)
         _WORKER["pipe"].set_progress_bar_config(disable=True)
     return _WORKER["pipe"]
 
 
-def _worker_init(path: Path) -> None:
+def _worker_init(path: Path, device: str) -> None:
     torch.set_num_threads(1)
-    _pipeline(path)
+    _pipeline(path, device)
 
 
-def _worker_run(path: Path, *args):
-    return measure_specs(_pipeline(path), *args)
+def _worker_run(path: Path, device: str, *args):
+    return measure_specs(_pipeline(path, device), *args)
 
 
 def evaluate(
-    path: Path, specs, call_kwargs: dict, seed: int, ablation: bool, jobs: int, dub: bool = False
+    path: Path, specs, call_kwargs: dict, seed: int, ablation: bool, jobs: int, dub: bool = False,
+    device: str = "cpu",
 ) -> tuple[dict, list]:
-    """Measure every spec, in `jobs` single-threaded worker processes when `jobs > 1` (the same clips either way)."""
+    """Measure every spec, in `jobs` single-threaded worker processes when `jobs > 1` (the same clips either way;
+    the noise is drawn on the CPU whatever the `device`)."""
     args = (specs, call_kwargs, seed, ablation, dub)
     if jobs <= 1:
-        records, seconds = measure_specs(_pipeline(path), specs, list(range(len(specs))), *args[1:])
+        records, seconds = measure_specs(_pipeline(path, device), specs, list(range(len(specs))), *args[1:])
         return summarise(records, seconds), records
     shards = [list(range(len(specs)))[i::jobs] for i in range(jobs)]
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init, initargs=(path,)) as pool:
-        parts = list(pool.map(_worker_run, [path] * jobs, [specs] * jobs, shards,
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init, initargs=(path, device)) as pool:
+        parts = list(pool.map(_worker_run, [path] * jobs, [device] * jobs, [specs] * jobs, shards,
                               *[[x] * jobs for x in args[1:]]))
     records = sorted((r for part in parts for r in part[0]), key=lambda r: r["index"])
     seconds = [s for part in parts for s in part[1]]
@@ -184,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="also generate only the soundtrack for each clip's true video (the coupling on its own)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="worker processes, one thread each (the clips and figures do not depend on it)")
+    parser.add_argument("--device", default="cpu", help="where the pipeline runs, e.g. cuda (default: cpu)")
     parser.add_argument("--output", type=Path, help="write the results (and every clip's measurements) as JSON here")
     args = parser.parse_args(argv)
 
@@ -222,7 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
         if args.ablation:
             runs.append(("video_to_audio_ablation", True, True))
     for name, ablation, dub in runs:
-        results[name], clips[name] = evaluate(path, specs, call_kwargs, args.seed, ablation, args.jobs, dub)
+        results[name], clips[name] = evaluate(path, specs, call_kwargs, args.seed, ablation, args.jobs, dub,
+                                              args.device)
 
     header = ["run", "colour", "shape", "moving", "sync v->a", "sync a->v", "mismatched v->a", "mismatched a->v",
               "pitch", "s/clip"]
