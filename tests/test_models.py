@@ -170,6 +170,39 @@ def test_audio_rope_scale_is_the_length_ratio(pair, duration):
     assert positions[-1] < timing.num_latent_frames
 
 
+
+@pytest.mark.parametrize("scale", [1.0, 4.0])
+def test_cross_modal_rope_scale_multiplies_the_coupling_time_positions(scale):
+    video, audio = build_pair(cross_modal_rope_scale=scale)
+    x = inputs()
+    seen = {}
+
+    def record(key):
+        def hook(module, args, output):
+            seen.setdefault(key, args[0].clone())  # the positions of the first (joint) call
+
+        return hook
+
+    hooks = [
+        module.register_forward_hook(record((name, kind)))
+        for name, branch in (("video", video), ("audio", audio))
+        for kind, module in (("rope", branch.rope), ("temporal", branch.temporal_rope))
+    ]
+    with torch.no_grad():
+        joint = video(**video_only(x), audio_transformer=audio, audio_hidden_states=x["audio_hidden_states"])
+        alone = video(**video_only(x))
+    for hook in hooks:
+        hook.remove()
+    for name in ("video", "audio"):
+        torch.testing.assert_close(seen[(name, "temporal")], seen[(name, "rope")][:, :1] * scale)
+    plain_video, plain_audio = build_pair()
+    with torch.no_grad():
+        plain = plain_video(**video_only(x), audio_transformer=plain_audio, audio_hidden_states=x["audio_hidden_states"])
+        plain_alone = plain_video(**video_only(x))
+    torch.testing.assert_close(alone.sample, plain_alone.sample)  # only the coupling reads the scale
+    assert torch.equal(joint.sample, plain.sample) == (scale == 1.0)
+    assert torch.equal(joint.audio_sample, plain.audio_sample) == (scale == 1.0)
+
 def test_paper_ratio_for_five_seconds_from_the_audio_vae():
     """5 s at 16 fps: 21 latent frames, and the MMAudio VAE yields 218 latents for the matching audio."""
     timing = clip_timing(16, duration_seconds=5.0)
@@ -539,7 +572,9 @@ def test_mismatched_branches_cannot_run_jointly():
     deeper_audio = SkyReelsV4AudioTransformer.from_preset("tiny", num_single_stream_layers=2)
     uncoupled_audio = SkyReelsV4AudioTransformer.from_preset("tiny", cross_modal_attention=False)
     x = inputs()
-    for audio, message in ((deeper_audio, "number of blocks"), (uncoupled_audio, "cross_modal_attention=False")):
+    rescaled_audio = SkyReelsV4AudioTransformer.from_preset("tiny", cross_modal_rope_scale=4.0)
+    for audio, message in ((deeper_audio, "number of blocks"), (uncoupled_audio, "cross_modal_attention=False"),
+                           (rescaled_audio, "cross_modal_rope_scale: video 1.0 vs audio 4.0")):
         with pytest.raises(ValueError, match=message):
             video(**video_only(x), audio_transformer=audio, audio_hidden_states=x["audio_hidden_states"])
 
@@ -549,5 +584,7 @@ def test_config_errors():
         SkyReelsV4Transformer.from_preset("tiny", in_channels=8)
     with pytest.raises(ValueError, match="rope_axes_dim"):
         SkyReelsV4Transformer.from_preset("tiny", rope_axes_dim=(8, 4, 2))
+    with pytest.raises(ValueError, match="`cross_modal_rope_scale` must be positive, got 0"):
+        SkyReelsV4AudioTransformer.from_preset("tiny", cross_modal_rope_scale=0)
     with pytest.raises(ValueError, match="Unknown preset"):
         SkyReelsV4Transformer.from_preset("huge")

@@ -123,8 +123,11 @@ class SkyReelsV4BranchModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapter
         rope_axes_dim: tuple[int, ...],
         eps: float,
         sparse_attention: bool = False,
+        cross_modal_rope_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        if not cross_modal_rope_scale > 0:
+            raise ValueError(f"`cross_modal_rope_scale` must be positive, got {cross_modal_rope_scale}.")
         if sum(rope_axes_dim) != attention_head_dim or any(d % 2 for d in rope_axes_dim):
             raise ValueError(
                 f"`rope_axes_dim` {tuple(rope_axes_dim)} must be even sizes summing to `attention_head_dim` "
@@ -133,6 +136,7 @@ class SkyReelsV4BranchModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapter
         dim = num_attention_heads * attention_head_dim
         self._patch = tuple(patch_size)
         self._cross_modal = cross_modal_attention
+        self._cross_modal_rope_scale = float(cross_modal_rope_scale)
 
         self.patch_embed = nn.Linear(in_channels * math.prod(patch_size), dim)
         self.time_proj_sinusoidal = Timesteps(freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
@@ -330,7 +334,9 @@ class SkyReelsV4BranchModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapter
             text_attention_mask = keep[:, None, None, :]
             attention_mask = torch.cat([keep.new_ones(batch, hidden_states.shape[1]), keep], dim=1)[:, None, None, :]
 
-        temporal = self.temporal_rope(positions[:, :1]) if self._cross_modal else None
+        temporal = None
+        if self._cross_modal:
+            temporal = self.temporal_rope(positions[:, :1] * self._cross_modal_rope_scale)
         return BranchTokens(
             hidden_states=hidden_states,
             encoder_hidden_states=text,
@@ -389,6 +395,9 @@ def check_joint_pair(video: SkyReelsV4BranchModel, audio: SkyReelsV4BranchModel)
     for key in ("num_attention_heads", "attention_head_dim"):
         if video.config[key] != audio.config[key]:
             problems.append(f"{key}: video {video.config[key]} vs audio {audio.config[key]}")
+    if video._cross_modal_rope_scale != audio._cross_modal_rope_scale:
+        problems.append(f"cross_modal_rope_scale: video {video._cross_modal_rope_scale} vs audio "
+                        f"{audio._cross_modal_rope_scale}")
     if len(video.blocks) != len(audio.blocks):
         problems.append(f"number of blocks: video {len(video.blocks)} vs audio {len(audio.blocks)}")
     for name, branch in (("video", video), ("audio", audio)):

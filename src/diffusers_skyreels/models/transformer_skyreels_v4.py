@@ -47,6 +47,9 @@ class SkyReelsV4Transformer(SkyReelsV4BranchModel):
             zero-initialised coarse-stage gates); `set_sparse_attention(False)` switches back to dense.
         sparse_attention_cube_size: VSA cube `(t, h, w)` in patch tokens.
         sparse_attention_top_k: key cubes each query cube attends to (capped at the number of cubes).
+        cross_modal_rope_scale: multiplies the time positions (in video latent frames) that rotate the audio<->video
+            cross-attention, so that its fastest RoPE pair turns this many radians per latent frame: above 1 the
+            coupling can tell neighbouring latent frames apart more sharply. Both branches must use the same value.
     """
 
     _preset_branch = "video"
@@ -72,6 +75,7 @@ class SkyReelsV4Transformer(SkyReelsV4BranchModel):
         sparse_attention: bool = False,
         sparse_attention_cube_size: tuple[int, int, int] = (4, 4, 4),
         sparse_attention_top_k: int = 32,
+        cross_modal_rope_scale: float = 1.0,
     ) -> None:
         check_channel_concat(in_channels, out_channels, patch_size, 3)
         super().__init__(
@@ -91,6 +95,7 @@ class SkyReelsV4Transformer(SkyReelsV4BranchModel):
             tuple(rope_axes_dim) if rope_axes_dim is not None else default_rope_axes_dim(attention_head_dim, 3),
             eps,
             sparse_attention,
+            cross_modal_rope_scale,
         )
 
     def _keyframe_inputs(

@@ -27,7 +27,7 @@ class SkyReelsV4AudioTransformer(SkyReelsV4BranchModel):
         out_channels: latent channels of the audio VAE (40 for MMAudio).
         patch_size: audio latents per token.
         num_attention_heads, attention_head_dim, num_dual_stream_layers, num_single_stream_layers, ffn_dim,
-        text_embed_dim, freq_dim, rope_theta, eps: as in `SkyReelsV4Transformer`.
+        text_embed_dim, freq_dim, rope_theta, eps, cross_modal_rope_scale: as in `SkyReelsV4Transformer`.
         text_cross_attention: text cross-attention after the joint attention; off for audio by default.
         cross_modal_attention: build the audio<->video cross-attention layers.
     """
@@ -51,6 +51,7 @@ class SkyReelsV4AudioTransformer(SkyReelsV4BranchModel):
         cross_modal_attention: bool = True,
         rope_theta: float = 10000.0,
         eps: float = 1e-6,
+        cross_modal_rope_scale: float = 1.0,
     ) -> None:
         check_channel_concat(in_channels, out_channels, (patch_size,), 1)
         super().__init__(
@@ -69,6 +70,7 @@ class SkyReelsV4AudioTransformer(SkyReelsV4BranchModel):
             rope_theta,
             (attention_head_dim,),
             eps,
+            cross_modal_rope_scale=cross_modal_rope_scale,
         )
 
     @apply_lora_scale("attention_kwargs")
