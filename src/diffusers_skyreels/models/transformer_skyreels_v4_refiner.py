@@ -84,8 +84,10 @@ class SkyReelsV4RefinerTransformer(SkyReelsV4Transformer):
     @classmethod
     def from_video_branch(cls, transformer: SkyReelsV4Transformer, **overrides: Any) -> SkyReelsV4RefinerTransformer:
         """A refiner initialised from a video branch's weights, as in the paper (the a<->v layers are dropped)."""
-        # The refiner's own defaults decide the attention (VSA on) unless `overrides` say otherwise.
-        skip = ("cross_modal_attention", "sparse_attention", "sparse_attention_cube_size", "sparse_attention_top_k")
+        # The refiner's own defaults decide the attention (VSA on) unless `overrides` say otherwise; it has no a<->v
+        # layers, so their settings are dropped.
+        skip = ("cross_modal_attention", "cross_modal_rope_scale", "sparse_attention", "sparse_attention_cube_size",
+                "sparse_attention_top_k")
         config = {k: v for k, v in transformer.config.items() if not k.startswith("_") and k not in skip}
         refiner = cls(**{**config, **overrides})
         missing, unexpected = refiner.load_state_dict(transformer.state_dict(), strict=False)
