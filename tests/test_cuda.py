@@ -14,8 +14,8 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.models.attention_dispatch import attention_backend
+from fixtures_models import build_pair, inputs
 
-from diffusers_skyreels import SkyReelsV4AudioTransformer, SkyReelsV4Transformer
 from diffusers_skyreels.cli import default_model_path
 from diffusers_skyreels.models.video_sparse_attention import SparseLayout, video_sparse_attention
 
@@ -98,24 +98,12 @@ def test_model_cpu_offload_on_cuda_gives_the_same_clip_and_leaves_no_weights_on_
 
 
 def tiny_pair(seed=0):
-    torch.manual_seed(seed)
-    video = SkyReelsV4Transformer.from_preset("tiny")
-    audio = SkyReelsV4AudioTransformer.from_preset("tiny")
-    for model in (video, audio):  # give the zero-initialised a<->v output projections weights
-        for block in model.blocks:
-            torch.nn.init.normal_(block.attn_cross_modal.to_out[0].weight, std=0.2)
-    return video.to(CUDA), audio.to(CUDA)
+    return tuple(model.to(CUDA) for model in build_pair(seed))
 
 
-def pair_inputs(batch=2, frames=3, height=4, width=6, audio_len=20, text_len=5, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    tensors = dict(
-        hidden_states=torch.randn(batch, 9, frames, height, width, generator=g),
-        encoder_hidden_states=torch.randn(batch, text_len, 32, generator=g),
-        audio_hidden_states=torch.randn(batch, 9, audio_len, generator=g),
-        reference_latents=torch.randn(batch, 4, 2, height, width, generator=g),
-    )
-    return {**{k: v.to(CUDA) for k, v in tensors.items()}, "timestep": torch.full((batch,), 700.0, device=CUDA)}
+def pair_inputs():
+    """The joint call's inputs on the GPU (no keyframes or audio references)."""
+    return {k: v.to(CUDA) for k, v in inputs().items() if k not in ("keyframe_hidden_states", "audio_reference_latents")}
 
 
 def joint_forward(video, audio, x, dtype=torch.float32):
@@ -153,7 +141,6 @@ def test_video_sparse_attention_compiled_flex_equals_the_torch_path(dtype):
 
 def test_inductor_compiled_repeated_blocks_equal_eager():
     video, audio = tiny_pair(seed=5)
-    video.eval(), audio.eval()
     x = pair_inputs()
     with torch.no_grad():
         expected = joint_forward(video, audio, x)
@@ -170,7 +157,8 @@ def test_bf16_autocast_training_step_gives_float32_gradients():
     grads = []
     for dtype in (torch.float32, torch.bfloat16):
         video, audio = tiny_pair(seed=3)
-        video.train(), audio.train()
+        video.train()
+        audio.train()
         sample, audio_sample = joint_forward(video, audio, x, dtype)
         (sample.square().mean() + audio_sample.square().mean()).backward()
         grads.append(torch.cat([p.grad.flatten().float() for m in (video, audio) for p in m.parameters()

@@ -8,40 +8,10 @@ import pytest
 import torch
 from diffusers import AutoModel, MMAudioVAE
 from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+from fixtures_models import TEXT_DIM, build_pair, inputs, video_only
 
 from diffusers_skyreels import SkyReelsV4AudioTransformer, SkyReelsV4Transformer
 from diffusers_skyreels.pipelines.skyreels_v4.timing import clip_timing
-
-TEXT_DIM = 32
-
-
-def build_pair(seed: int = 0, couple: bool = True, **overrides):
-    """Tiny video + audio branches; with `couple`, the zero-initialised a<->v output projections get random values."""
-    torch.manual_seed(seed)
-    video = SkyReelsV4Transformer.from_preset("tiny", **overrides).eval()
-    audio = SkyReelsV4AudioTransformer.from_preset("tiny", **overrides).eval()
-    if couple:
-        for model in (video, audio):
-            for block in model.blocks:
-                torch.nn.init.normal_(block.attn_cross_modal.to_out[0].weight, std=0.2)
-    return video, audio
-
-
-def inputs(batch=2, frames=3, height=4, width=6, audio_len=20, text_len=5, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return dict(
-        hidden_states=torch.randn(batch, 9, frames, height, width, generator=g),
-        timestep=torch.full((batch,), 700.0),
-        encoder_hidden_states=torch.randn(batch, text_len, TEXT_DIM, generator=g),
-        audio_hidden_states=torch.randn(batch, 9, audio_len, generator=g),
-        reference_latents=torch.randn(batch, 4, 2, height, width, generator=g),
-        keyframe_hidden_states=torch.randn(batch, 9, 2, 2 * height, 2 * width, generator=g),
-        audio_reference_latents=torch.randn(batch, 4, 7, generator=g),
-    )
-
-
-def video_only(x):
-    return {k: x[k] for k in ("hidden_states", "timestep", "encoder_hidden_states")}
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +140,6 @@ def test_audio_rope_scale_is_the_length_ratio(pair, duration):
     assert positions[-1] < timing.num_latent_frames
 
 
-
 @pytest.mark.parametrize("scale", [1.0, 4.0])
 def test_cross_modal_rope_scale_multiplies_the_coupling_time_positions(scale):
     video, audio = build_pair(cross_modal_rope_scale=scale)
@@ -202,6 +171,7 @@ def test_cross_modal_rope_scale_multiplies_the_coupling_time_positions(scale):
     torch.testing.assert_close(alone.sample, plain_alone.sample)  # only the coupling reads the scale
     assert torch.equal(joint.sample, plain.sample) == (scale == 1.0)
     assert torch.equal(joint.audio_sample, plain.audio_sample) == (scale == 1.0)
+
 
 def test_paper_ratio_for_five_seconds_from_the_audio_vae():
     """5 s at 16 fps: 21 latent frames, and the MMAudio VAE yields 218 latents for the matching audio."""

@@ -392,12 +392,9 @@ def _shard_like_cp_plan(tensor: torch.Tensor, cp: ContextParallelConfig) -> torc
 def check_joint_pair(video: SkyReelsV4BranchModel, audio: SkyReelsV4BranchModel) -> None:
     """Raise if two branches cannot run in lockstep (same width, heads and depth, coupling layers present)."""
     problems = []
-    for key in ("num_attention_heads", "attention_head_dim"):
+    for key in ("num_attention_heads", "attention_head_dim", "cross_modal_rope_scale"):
         if video.config[key] != audio.config[key]:
             problems.append(f"{key}: video {video.config[key]} vs audio {audio.config[key]}")
-    if video._cross_modal_rope_scale != audio._cross_modal_rope_scale:
-        problems.append(f"cross_modal_rope_scale: video {video._cross_modal_rope_scale} vs audio "
-                        f"{audio._cross_modal_rope_scale}")
     if len(video.blocks) != len(audio.blocks):
         problems.append(f"number of blocks: video {len(video.blocks)} vs audio {len(audio.blocks)}")
     for name, branch in (("video", video), ("audio", audio)):
