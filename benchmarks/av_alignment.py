@@ -79,7 +79,9 @@ def alignment_matrix(pipe, specs, sigma: float, seed: int) -> torch.Tensor:
     """`[T, T]`: row j = normalised dependence of the audio in latent frame j's span on each video latent frame."""
     from diffusers_skyreels.demo.world import BASE_CLIP
     from diffusers_skyreels.pipelines.skyreels_v4.latent_codecs import VideoCodec
+    from diffusers_skyreels.training.flow_matching import noisy_latents
 
+    level = torch.tensor([sigma])
     timing = pipe.clip_timing(BASE_CLIP["fps"], num_frames=BASE_CLIP["num_frames"])
     factor = VideoCodec(pipe.vae).temporal_factor
     spans = [audio_span_of_latent_frame(j, timing, factor) for j in range(timing.num_latent_frames)]
@@ -90,7 +92,7 @@ def alignment_matrix(pipe, specs, sigma: float, seed: int) -> torch.Tensor:
         video_noise = torch.randn(x0.shape, generator=generator)
         audio_noise = torch.randn(a0.shape, generator=generator)
         x0 = x0.clone().requires_grad_(True)
-        audio = predict_audio(pipe, x0, (1 - sigma) * x0 + sigma * video_noise, (1 - sigma) * a0 + sigma * audio_noise,
+        audio = predict_audio(pipe, x0, noisy_latents(x0, video_noise, level), noisy_latents(a0, audio_noise, level),
                               text, sigma)
         for j, (lo, hi) in enumerate(spans):
             (grad,) = torch.autograd.grad(audio[..., lo:hi].pow(2).sum(), x0, retain_graph=True)
@@ -110,20 +112,23 @@ def shifted_in_time(spec):
 def timing_use(pipe, specs, sigmas: list[float], seed: int) -> dict[float, tuple[float, float, float]]:
     """Per sigma: mean audio loss with the clip's own video, with `shifted_in_time`'s video, and the share of clips
     whose own video gives the lower loss. Both calls see the same noise and the clip's own audio and prompt."""
+    from diffusers_skyreels.training.flow_matching import noisy_latents, velocity_target
+
     clips = [(*encode_clip(pipe, spec), encode_clip(pipe, shifted_in_time(spec))[0]) for spec in specs]
     results = {}
     for sigma in sigmas:
+        level = torch.tensor([sigma])
         own, shifted = [], []
         for index, (x0, a0, text, other) in enumerate(clips):
             generator = torch.Generator().manual_seed(seed + index)
             video_noise = torch.randn(x0.shape, generator=generator)
             audio_noise = torch.randn(a0.shape, generator=generator)
-            noisy_audio = (1 - sigma) * a0 + sigma * audio_noise
+            noisy_audio = noisy_latents(a0, audio_noise, level)
             with torch.no_grad():
                 for video, losses in ((x0, own), (other, shifted)):
-                    audio = predict_audio(pipe, video, (1 - sigma) * video + sigma * video_noise, noisy_audio, text,
+                    audio = predict_audio(pipe, video, noisy_latents(video, video_noise, level), noisy_audio, text,
                                           sigma)
-                    losses.append(float((audio - (audio_noise - a0)).pow(2).mean()))
+                    losses.append(float((audio - velocity_target(a0, audio_noise)).pow(2).mean()))
         own_t, shifted_t = torch.tensor(own), torch.tensor(shifted)
         results[sigma] = (float(own_t.mean()), float(shifted_t.mean()), float((own_t < shifted_t).float().mean()))
     return results
